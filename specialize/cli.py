@@ -1,0 +1,139 @@
+"""The `selfspec` command. Subcommands live beside the code they run; this file only parses
+arguments, turns `SelfspecError`s into one readable line with a non-zero exit, and quiets the
+engines' logs so the progress bars stay readable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from specialize.errors import SelfspecError
+
+
+def _specialize_parser(sub) -> None:
+    p = sub.add_parser("specialize", help="self-specialize the base model into domain experts",
+                       description="Seeds -> self-generated instructions and answers -> filters "
+                       "-> LoRA adapter -> published expert, for each domain.")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN",
+                   help="domain names under seeds/ (or folders holding a seeds.yaml)")
+    p.add_argument("--all", action="store_true", help="every domain under seeds/")
+    p.add_argument("--base-model", default="smollm2-135m-instruct",
+                   help="local HF folder, hub id, or builtin alias (default: %(default)s)")
+    p.add_argument("--experts-dir", type=Path, default=Path("experts"))
+    p.add_argument("--num-instructions", type=int, default=96,
+                   help="target kept instructions per domain (paper: ~5000; default %(default)s)")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (vLLM: 1,8,16,32,64,...)")
+    p.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--max-lora-rank", type=int, default=16,
+                   help="the serving engine's max_lora_rank the adapter must fit")
+    p.add_argument("--corpus", default=None, metavar="PATH|none",
+                   help="corpus folder for grounded answers (default: the domain's corpus/), "
+                   "or 'none' for ungrounded")
+    p.add_argument("--retrieval", choices=["bm25", "dense"], default="bm25")
+    p.add_argument("--rounds", type=int, default=1, choices=[1, 2],
+                   help="2: regenerate answers with the round-1 expert, retrain (paper's iterative variant)")
+    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    g.add_argument("--restart", action="store_true", help="discard an interrupted run")
+    p.set_defaults(func=_run_specialize)
+
+
+def _run_specialize(args) -> int:
+    from specialize.config import build_config
+    from specialize.errors import ConfigError
+    from specialize.pipeline import format_summary, specialize
+    from specialize.seeds import available_domains
+
+    if args.all == bool(args.domains):
+        raise ConfigError("name the domains to specialize, or pass --all (not both); "
+                          f"available: {', '.join(available_domains()) or 'none'}")
+    corpus = None if args.corpus in (None, "none") else Path(args.corpus)
+    cfg = build_config(
+        base_model=args.base_model, experts_dir=args.experts_dir, rounds=args.rounds,
+        engine={"seed": args.seed},
+        generate={"num_instructions": args.num_instructions},
+        respond={"corpus": corpus, "retrieval": "none" if args.corpus == "none"
+                 else args.retrieval},
+        train={"rank": args.rank, "alpha": args.alpha or 2 * args.rank, "epochs": args.epochs,
+               "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+               "seed": args.seed},
+        validate={"max_lora_rank": args.max_lora_rank},
+    )
+    domains = available_domains() if args.all else args.domains
+    try:
+        results = specialize(domains, cfg, resume=args.resume, restart=args.restart)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished batches are saved; continue with the same command "
+              "plus --resume", file=sys.stderr)
+        return 130
+    print()
+    print(format_summary(results))
+    for r in results:
+        print(f"published {r['domain']} v{r['version']} -> {r['path']}")
+    return 0
+
+
+def _experts_parser(sub) -> None:
+    p = sub.add_parser("experts", help="list the experts in the registry")
+    p.add_argument("--experts-dir", type=Path, default=Path("experts"))
+    p.add_argument("--json", action="store_true", help="print the registry as JSON")
+    p.set_defaults(func=_run_experts)
+
+
+def _run_experts(args) -> int:
+    from specialize.registry import load_registry
+
+    reg = load_registry(args.experts_dir)
+    if args.json:
+        print(reg.model_dump_json(indent=2))
+        return 0
+    if not reg.experts:
+        print(f"no experts in {args.experts_dir} (run: selfspec specialize --all)")
+        return 0
+    rows = [("name", "version", "base model", "examples", "loss", "created")]
+    for e in sorted(reg.experts.values(), key=lambda e: e.name):
+        loss = (f"{e.train.loss_first:.2f}→{e.train.loss_last:.2f}"
+                if e.train.loss_first is not None else "-")
+        rows.append((e.name, f"v{e.version}", e.base_model, str(e.train.examples), loss,
+                     e.created.strftime("%Y-%m-%d %H:%M")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"\nregistry revision {reg.revision}: {args.experts_dir / 'registry.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfspec", description="Self-specialized domain "
+                                     "experts from one base model, served together.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _specialize_parser(sub)
+    _experts_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # vLLM logs every engine detail at INFO; the progress bars are the story here.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return args.func(args)
+    except SelfspecError as e:
+        print(f"selfspec: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""One typed config per pipeline stage, composed into `SpecializeConfig`.
+
+Everything is validated when the config is built (before a model is loaded), and every stage
+writes the resolved config it ran with beside its outputs. Defaults are sized so that
+`selfspec specialize --all` on the embedded 135M model finishes four domains in well under
+30 minutes on 2 CPU cores; the paper's scale is `--num-instructions 5000 --epochs 3`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from specialize.errors import ConfigError
+
+# vLLM's LoRA loader accepts only these ranks (vllm/config/lora.py, `max_lora_rank` choices).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Config):
+    """The shared vLLM engine used by the generation stages."""
+
+    max_model_len: int = Field(2048, ge=256)
+    # vLLM CPU: KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB); keep it small on 2-core boxes.
+    kv_cache_gib: int = Field(2, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
+    dtype: str = "auto"
+    seed: int = 0
+
+
+class GenerateConfig(_Config):
+    """Stage 1: the base model writes new instructions, few-shot from sampled seeds."""
+
+    num_instructions: int = Field(96, ge=1, description="target number of KEPT instructions")
+    seeds_per_prompt: int = Field(3, ge=1, le=8)  # Self-MoE: 3 seeds in context
+    generated_per_prompt: int = Field(0, ge=0, le=4)  # Self-Instruct also mixed in 2 generated
+    temperature: float = Field(1.0, ge=0)  # Self-MoE: 1.0
+    top_p: float = Field(0.98, gt=0, le=1)  # Self-MoE: 0.98
+    max_tokens: int = Field(384, ge=32)
+    prompts_per_batch: int = Field(16, ge=1)
+    # Stop when this many batches in a row add nothing new (a model stuck on duplicates).
+    patience: int = Field(4, ge=1)
+    max_batches: int = Field(200, ge=1)
+
+
+class FilterConfig(_Config):
+    """Stage 2: drop near-duplicates, bad lengths, non-text tasks and eval contamination."""
+
+    rouge_threshold: float = Field(0.7, gt=0, le=1)  # Self-Instruct: ROUGE-L F1 > 0.7 is a dup
+    min_words: int = Field(4, ge=1)  # Self-Instruct drops <= 3 words
+    max_words: int = Field(150, ge=4)
+    contamination_ngram: int = Field(8, ge=3)
+    blacklist: tuple[str, ...] = (
+        "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map",
+        "maps", "draw", "plot", "go to", "video", "audio", "flowchart", "diagram", "photo",
+        "chart", "spreadsheet", "website", "url", "link", "screenshot",
+    )
+
+
+class RespondConfig(_Config):
+    """Stage 3: the base model answers each kept instruction (greedy, 5 seed demos)."""
+
+    demos: int = Field(5, ge=0, le=10)  # Self-Specialization: 5 seed demonstrations
+    max_tokens: int = Field(320, ge=16)
+    batch_size: int = Field(32, ge=1)
+    retrieval: Literal["none", "bm25", "dense"] = "bm25"
+    top_k: int = Field(2, ge=1, le=10)
+    passage_words: int = Field(160, ge=20, description="passages are cut to this many words")
+    corpus: Path | None = None  # None: the domain's own corpus/ folder if it has one
+
+
+class ResponseFilterConfig(_Config):
+    """Stage 4: drop empty, truncated and degenerate responses."""
+
+    min_chars: int = Field(2, ge=1)
+    # A response whose distinct 4-grams are under this share of all its 4-grams is looping.
+    min_distinct_ngram_ratio: float = Field(0.5, gt=0, le=1)
+    max_line_repeats: int = Field(3, ge=2)
+
+
+class TrainConfig(_Config):
+    """Stage 5: LoRA on all linear layers, loss on the completion only."""
+
+    rank: int = 8  # Self-MoE r=8; also under vLLM's default max_lora_rank of 16
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = Field(3e-4, gt=0)  # Self-MoE
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(512, ge=32)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores")
+
+    @model_validator(mode="after")
+    def _rank(self) -> "TrainConfig":
+        if self.rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"rank {self.rank} is not one vLLM can serve; use one of "
+                             f"{list(VLLM_LORA_RANKS)}")
+        return self
+
+
+class ValidateConfig(_Config):
+    """Stage 6: reject adapters that the serving engine would refuse."""
+
+    max_lora_rank: int = 16  # vLLM's default max_lora_rank
+
+    @model_validator(mode="after")
+    def _allowed(self) -> "ValidateConfig":
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of "
+                             f"{list(VLLM_LORA_RANKS)}")
+        return self
+
+
+class SpecializeConfig(_Config):
+    base_model: str = "smollm2-135m-instruct"
+    experts_dir: Path = Path("experts")
+    rounds: int = Field(1, ge=1, le=2)
+    # How many kept generated instructions the router gets as exemplars (besides every seed).
+    router_exemplars: int = Field(32, ge=0)
+    engine: EngineConfig = EngineConfig()
+    generate: GenerateConfig = GenerateConfig()
+    filter: FilterConfig = FilterConfig()
+    respond: RespondConfig = RespondConfig()
+    responses: ResponseFilterConfig = ResponseFilterConfig()
+    train: TrainConfig = TrainConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "SpecializeConfig":
+        if self.train.rank > self.validate_.max_lora_rank:
+            raise ValueError(
+                f"rank {self.train.rank} > max_lora_rank {self.validate_.max_lora_rank}: pass "
+                f"--max-lora-rank {self.train.rank} (and serve with it) or retrain with "
+                f"--rank <= {self.validate_.max_lora_rank}")
+        return self
+
+
+def build_config(**kwargs) -> SpecializeConfig:
+    """Build and validate; pydantic errors become one readable ConfigError."""
+    from pydantic import ValidationError
+
+    try:
+        return SpecializeConfig.model_validate(kwargs)
+    except ValidationError as e:
+        msgs = [f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(msgs)) from None

@@ -1,0 +1,85 @@
+"""Stage 1: the base model writes new domain instructions.
+
+Each prompt shows `seeds_per_prompt` sampled seeds (optionally plus a few already-kept generated
+ones, as Self-Instruct did) and lets the model continue the numbered list at temperature 1.0,
+top-p 0.98. Batches of prompts go through vLLM together; every candidate is appended to
+`generate/instructions.jsonl` and fsynced per batch, so an interrupted run resumes where it
+stopped. Generation ends once the filter has kept `num_instructions`, or when `patience` batches
+in a row add nothing (a small model stuck on duplicates), or after `max_batches`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from specialize.config import GenerateConfig
+from specialize.engine import Generator, Sampling
+from specialize.filter import InstructionFilter
+from specialize.jsonl import append_jsonl, resume_jsonl, write_json
+from specialize.prompts import Task, build_instruction_prompt, parse_instruction_list
+from specialize.seeds import Domain
+
+
+def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: InstructionFilter,
+                          generator: Generator, workdir: Path, seed: int = 0) -> dict:
+    out = workdir / "generate"
+    path = out / "instructions.jsonl"
+    write_json(out / "config.json", cfg.model_dump(mode="json"))
+    seeds = [Task(s.instruction, s.input) for s in domain.seeds]
+
+    # Resume: replay what earlier runs wrote through the filter, so its pool is the same.
+    rows = resume_jsonl(path)
+    kept: list[Task] = []
+    for row in rows:
+        if row.get("marker"):
+            continue
+        task = Task(row["instruction"], row.get("input", ""))
+        if filt.check(task).reason is None:
+            kept.append(task)
+    batch = 1 + max((r["batch"] for r in rows), default=-1)
+    stale, started = 0, time.time()
+
+    bar = tqdm(total=cfg.num_instructions, initial=min(len(kept), cfg.num_instructions),
+               desc=f"{domain.name}: instructions", unit="kept")
+    while len(kept) < cfg.num_instructions and stale < cfg.patience and batch < cfg.max_batches:
+        # Seeded per batch, so a resumed run draws the same demos it would have drawn.
+        rng = random.Random(f"{seed}:{domain.name}:{batch}")
+        prompts = []
+        for _ in range(cfg.prompts_per_batch):
+            demos = rng.sample(seeds, min(cfg.seeds_per_prompt, len(seeds)))
+            if kept and cfg.generated_per_prompt:
+                demos += rng.sample(kept, min(cfg.generated_per_prompt, len(kept)))
+            prompts.append((len(demos) + 1,
+                            build_instruction_prompt(domain.name, domain.description, demos)))
+        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_tokens=cfg.max_tokens, seed=rng.randrange(2**31),
+                            stop=("\n\n\n",))
+        completions = generator.complete([p for _, p in prompts], sampling)
+
+        new_rows, gained = [], 0
+        for (first, _), comp in zip(prompts, completions):
+            for task in parse_instruction_list(comp.text, first, comp.finish_reason == "length"):
+                new_rows.append({"id": f"{domain.name}-g{batch:04d}-{len(new_rows):03d}",
+                                 "instruction": task.instruction, "input": task.input,
+                                 "batch": batch})
+                if filt.check(task).reason is None:
+                    kept.append(task)
+                    gained += 1
+        # A batch that parsed to nothing still records that it ran (resume skips it).
+        append_jsonl(path, new_rows or [{"id": f"{domain.name}-g{batch:04d}-empty",
+                                         "instruction": "", "input": "", "batch": batch,
+                                         "marker": True}])
+        bar.update(min(gained, max(0, cfg.num_instructions - bar.n)))
+        bar.set_postfix(batch=batch, candidates=len(rows) + len(new_rows))
+        rows += new_rows
+        stale = 0 if gained else stale + 1
+        batch += 1
+    bar.close()
+    return {"candidates": len(rows), "kept": len(kept), "batches": batch,
+            "stopped": "target" if len(kept) >= cfg.num_instructions else
+            ("patience" if stale >= cfg.patience else "max_batches"),
+            "seconds": round(time.time() - started, 1)}

@@ -1,0 +1,229 @@
+"""`selfspec specialize`: seeds -> generated data -> filters -> LoRA -> validated -> published.
+
+All domains of a run share one vLLM engine (start-up costs ~35 s on CPU), so the run goes in
+phases: generate + filter + respond + filter for every domain, free the engine, train + validate
+every domain, (round 2: regenerate responses with each round-1 expert through vLLM LoRA, retrain),
+then publish each expert atomically. Each domain's work dir `<experts>/.work/<domain>/` records
+finished stages in `state.json`; `--resume` skips them and continues the append-only files of the
+stage that was interrupted. A successful publish removes the work dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specialize.base_model import resolve_base_model
+from specialize.config import SpecializeConfig
+from specialize.engine import Adapter, Generator, build_vllm_generator
+from specialize.errors import ConfigError
+from specialize.filter import build_filter, filter_instructions
+from specialize.filter_responses import filter_responses
+from specialize.generate import generate_instructions
+from specialize.jsonl import write_json
+from specialize.publish import ensure_writable, publish_expert
+from specialize.respond import generate_responses
+from specialize.retrieve import build_retriever
+from specialize.seeds import Domain, load_domain
+from specialize.train import train_adapter
+from specialize.validate import validate_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DomainRun:
+    domain: Domain
+    workdir: Path
+    state: dict = field(default_factory=lambda: {"done": {}, "seconds": {}})
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["done"]
+
+    def finish(self, stage: str, result: dict, seconds: float) -> None:
+        self.state["done"][stage] = result
+        self.state["seconds"][stage] = round(seconds, 1)
+        write_json(self.workdir / "state.json", self.state)
+
+
+def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
+               restart: bool = False, make_generator=build_vllm_generator) -> list[dict]:
+    # --- everything that can fail fast does, before a model is loaded -------------------------
+    loaded = [load_domain(d) for d in domains]
+    if len({d.name for d in loaded}) != len(loaded):
+        raise ConfigError(f"a domain is named twice: {domains}")
+    experts_dir = cfg.experts_dir
+    ensure_writable(experts_dir)
+    runs = [_prepare(d, experts_dir / ".work" / d.name, cfg, resume, restart) for d in loaded]
+    for run in runs:
+        corpus = cfg.respond.corpus or run.domain.corpus_dir
+        if cfg.respond.retrieval != "none" and cfg.respond.corpus and not corpus.is_dir():
+            raise ConfigError(f"--corpus {corpus} is not a folder of Markdown files")
+    base_path = resolve_base_model(cfg.base_model)
+
+    # --- phase 1: the base model writes instructions and answers them -------------------------
+    need = [r for r in runs if not r.done("respond_filter")]
+    if need:
+        generator = make_generator(base_path, cfg.engine)
+        try:
+            for run in need:
+                _generate_data(run, cfg, generator)
+        finally:
+            generator.close()
+
+    # --- phase 2: train and validate round-1 adapters ----------------------------------------
+    for run in runs:
+        _train(run, cfg, base_path, "respond_filter", "train")
+
+    # --- phase 3 (optional): round 2 regenerates answers with each round-1 expert ------------
+    if cfg.rounds == 2:
+        need = [r for r in runs if not r.done("respond2_filter")]
+        if need:
+            generator = make_generator(base_path, cfg.engine, cfg.validate_.max_lora_rank)
+            try:
+                for i, run in enumerate(need, 1):
+                    _respond_round2(run, cfg, generator, i)
+            finally:
+                generator.close()
+        for run in runs:
+            _train(run, cfg, base_path, "respond2_filter", "train2")
+
+    # --- phase 4: publish --------------------------------------------------------------------
+    results = []
+    for run in runs:
+        final = "train2" if cfg.rounds == 2 else "train"
+        summary = _summary(run, final)
+        write_json(run.workdir / "summary.json", summary)
+        started = time.time()
+        entry = publish_expert(
+            run.domain, experts_dir, run.workdir, run.workdir / final,
+            run.workdir / ("respond2_filter" if cfg.rounds == 2 else "respond_filter") /
+            "train.jsonl", run.state["done"][f"validate_{final}"],
+            run.state["done"][final], cfg.base_model, base_path,
+            cfg.model_dump(mode="json", by_alias=True), cfg.rounds, cfg.router_exemplars,
+            cfg.engine.seed)
+        summary["seconds"]["publish"] = round(time.time() - started, 1)
+        summary["version"] = entry.version
+        summary["path"] = str(experts_dir / entry.path)
+        shutil.rmtree(run.workdir, ignore_errors=True)
+        results.append(summary)
+    return results
+
+
+def _prepare(domain: Domain, workdir: Path, cfg: SpecializeConfig, resume: bool,
+             restart: bool) -> DomainRun:
+    run = DomainRun(domain, workdir)
+    state_path = workdir / "state.json"
+    if workdir.exists() and restart:
+        shutil.rmtree(workdir)
+    elif workdir.exists() and not resume:
+        raise ConfigError(f"an interrupted run of {domain.name!r} is in {workdir}: pass --resume "
+                          "to continue it, or --restart to discard it and start over")
+    if resume and state_path.exists():
+        run.state = json.loads(state_path.read_text())
+        if run.state.get("base_model") != cfg.base_model:
+            raise ConfigError(f"--resume: {workdir} was started with base model "
+                              f"{run.state.get('base_model')!r}, not {cfg.base_model!r}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    run.state.setdefault("base_model", cfg.base_model)
+    write_json(workdir / "config.json", cfg.model_dump(mode="json", by_alias=True))
+    write_json(state_path, run.state)
+    return run
+
+
+def _generate_data(run: DomainRun, cfg: SpecializeConfig, generator: Generator) -> None:
+    d, wd = run.domain, run.workdir
+    if not run.done("generate"):
+        t = time.time()
+        res = generate_instructions(d, cfg.generate, build_filter(d, cfg.filter), generator, wd,
+                                    cfg.engine.seed)
+        run.finish("generate", res, time.time() - t)
+    if not run.done("filter"):
+        t = time.time()
+        res = filter_instructions(d, cfg.filter, cfg.generate.num_instructions, wd)
+        if res["kept"] == 0:
+            raise ConfigError(f"{d.name}: the base model wrote no usable instruction in "
+                              f"{res['candidates']} candidates; see {wd}/filter/rejected.jsonl")
+        run.finish("filter", res, time.time() - t)
+    if not run.done("respond"):
+        t = time.time()
+        res = generate_responses(d, cfg.respond, generator, wd, _retriever(d, cfg))
+        run.finish("respond", res, time.time() - t)
+    if not run.done("respond_filter"):
+        t = time.time()
+        res = filter_responses(cfg.responses, wd, "respond")
+        if res["kept"] == 0:
+            raise ConfigError(f"{d.name}: every generated response was rejected; see "
+                              f"{wd}/respond_filter/rejected.jsonl")
+        run.finish("respond_filter", res, time.time() - t)
+
+
+def _retriever(domain: Domain, cfg: SpecializeConfig):
+    corpus = cfg.respond.corpus or domain.corpus_dir
+    if cfg.respond.retrieval == "none" or corpus is None:
+        return None
+    return build_retriever(Path(corpus), cfg.respond.retrieval, cfg.respond.passage_words)
+
+
+def _train(run: DomainRun, cfg: SpecializeConfig, base_path: Path, data_stage: str,
+           stage: str) -> None:
+    if not run.done(stage):
+        t = time.time()
+        res = train_adapter(base_path, cfg.train, run.workdir / data_stage / "train.jsonl",
+                            run.workdir / stage)
+        run.finish(stage, res, time.time() - t)
+    if not run.done(f"validate_{stage}"):
+        t = time.time()
+        res = validate_adapter(run.workdir / stage / "adapter", base_path,
+                               cfg.validate_.max_lora_rank)
+        run.finish(f"validate_{stage}", res, time.time() - t)
+
+
+def _respond_round2(run: DomainRun, cfg: SpecializeConfig, generator: Generator,
+                    int_id: int) -> None:
+    adapter = Adapter(f"{run.domain.name}-round1", int_id, run.workdir / "train" / "adapter")
+    if not run.done("respond2"):
+        t = time.time()
+        res = generate_responses(run.domain, cfg.respond, generator, run.workdir,
+                                 _retriever(run.domain, cfg), adapter=adapter, stage="respond2")
+        run.finish("respond2", res, time.time() - t)
+    if not run.done("respond2_filter"):
+        t = time.time()
+        res = filter_responses(cfg.responses, run.workdir, "respond2")
+        run.finish("respond2_filter", res, time.time() - t)
+
+
+def _summary(run: DomainRun, final: str) -> dict:
+    done = run.state["done"]
+    return {"domain": run.domain.name,
+            "candidates": done["filter"]["candidates"],
+            "kept_instructions": done["filter"]["kept"],
+            "rejected_instructions": done["filter"]["rejected"],
+            "train_examples": done[final]["examples"],
+            "rejected_responses": done["respond_filter"]["rejected"],
+            "loss_first": done[final]["loss_first"], "loss_last": done[final]["loss_last"],
+            "seconds": dict(run.state["seconds"])}
+
+
+def format_summary(results: list[dict]) -> str:
+    """The table printed at the end of a run: what was generated, kept, rejected and why."""
+    lines = []
+    head = (f"{'expert':<12} {'ver':>3} {'generated':>9} {'kept':>5} {'train':>5} "
+            f"{'loss first→last':>16}  rejected (by reason)")
+    lines += [head, "-" * len(head)]
+    for r in results:
+        rej = {**{f"instr:{k}": v for k, v in r["rejected_instructions"].items()},
+               **{f"resp:{k}": v for k, v in r["rejected_responses"].items()}}
+        rej_s = ", ".join(f"{k}={v}" for k, v in sorted(rej.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{r['domain']:<12} {r.get('version', '-'):>3} {r['candidates']:>9} "
+                     f"{r['kept_instructions']:>5} {r['train_examples']:>5} "
+                     f"{r['loss_first']:>7.3f}→{r['loss_last']:<7.3f}  {rej_s or '-'}")
+    lines += ["", "wall time per stage (s):"]
+    for r in results:
+        lines.append(f"  {r['domain']:<12} " + "  ".join(f"{k}={v}" for k, v in
+                                                       r["seconds"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Prompts the base model completes, and parsers for what it writes back.
+
+Both generation stages use plain completion prompts (not the chat template): the method was
+designed for base models, and continuing a numbered list works for base and instruct models alike.
+Training and serving use the base model's own chat template instead (see `train.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# ---- Stage 1: instruction generation (Self-MoE's prompt structure, see PAPER.md) ---------------
+
+INSTRUCTION_HEADER = """\
+You are asked to come up with a set of diverse task instructions about {domain}. {description}
+
+Here are the requirements:
+1. The tasks should be about {domain}, and each one a different kind of task (question answering, \
+yes/no questions, multiple choice, classification, extraction, summarization, explanation, \
+calculation, drafting).
+2. Try not to repeat the verb for each instruction, and use diverse wording.
+3. A language model must be able to complete the task with text alone: no images, files, \
+drawings or web browsing.
+4. Instructions are 1 to 2 sentences long, either an imperative sentence or a question.
+5. When the task needs an input (a passage, a headline, figures), write a realistic input of at \
+most 100 words after "Input:". Never use placeholders. Otherwise write "Input: <noinput>".
+6. Cover many subtopics of {domain}.
+
+List of tasks:
+"""
+
+
+@dataclass(frozen=True)
+class Task:
+    instruction: str
+    input: str = ""
+
+
+def _task_block(n: int, task: Task) -> str:
+    return f"{n}. Instruction: {task.instruction}\n{n}. Input: {task.input or '<noinput>'}\n"
+
+
+def build_instruction_prompt(domain: str, description: str, demos: list[Task]) -> str:
+    """Header, the sampled demos numbered 1..k, then an opened item k+1 for the model to fill."""
+    body = "".join(_task_block(i, t) for i, t in enumerate(demos, 1))
+    return (INSTRUCTION_HEADER.format(domain=domain, description=description.strip())
+            + body + f"{len(demos) + 1}. Instruction:")
+
+
+_ITEM_START = re.compile(r"^\s*(?:\*\*)?\s*(\d{1,3})\s*[.):]\s*", re.M)
+_FIELD = re.compile(r"^(?:\*\*)?\s*(instruction|input|output|response|answer)\s*(?:\*\*)?\s*:\s*",
+                    re.I)
+_NO_INPUT = {"<noinput>", "noinput", "none", "n/a", "no input", "<no input>", "-", ""}
+
+
+def parse_instruction_list(completion: str, first_number: int, truncated: bool) -> list[Task]:
+    """Parse the model's continuation of the numbered list into tasks.
+
+    The completion starts inside item `first_number` (its "Instruction:" was in the prompt).
+    Tolerates: "N. Instruction:" / "N. Input:" lines, bare "N." items, markdown bold, missing
+    inputs, stray Output lines (dropped). A final item cut off by the token limit is dropped.
+    """
+    text = f"{first_number}. Instruction:" + completion
+    starts = list(_ITEM_START.finditer(text))
+    # Group consecutive segments by their item number ("4. Instruction", "4. Input" -> item 4).
+    items: dict[int, dict[str, str]] = {}
+    order: list[int] = []
+    for i, m in enumerate(starts):
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+        num, seg = int(m.group(1)), text[m.end():end]
+        fm = _FIELD.match(seg)
+        field = fm.group(1).lower() if fm else "instruction"
+        value = seg[fm.end():] if fm else seg
+        if num not in items:
+            items[num] = {}
+            order.append(num)
+        items[num].setdefault(field, value.strip())
+    if truncated and order:
+        items.pop(order.pop())  # the last one ran into the token limit: incomplete
+    tasks = []
+    for num in order:
+        if num < first_number:
+            continue  # the model restarted the list from 1 and copied the demos
+        fields = items[num]
+        instruction = _clean(fields.get("instruction", ""))
+        raw_input = _clean(fields.get("input", ""))
+        if not instruction:
+            continue
+        tasks.append(Task(instruction, "" if raw_input.lower() in _NO_INPUT else raw_input))
+    return tasks
+
+
+def _clean(s: str) -> str:
+    s = s.split("\n\n")[0]  # a blank line ends a field; anything after is the model rambling
+    s = s.replace("**", "").strip().strip('"').strip()
+    return re.sub(r"\s+", " ", s)
+
+
+# ---- Stage 3: response generation (persona + 5 seed demos, greedy) -----------------------------
+
+RESPONSE_HEADER = ("You are an expert in {domain}. {description}\n"
+                   "Answer each instruction accurately and concisely, as an expert would.\n\n")
+RESPONSE_STOP = ["### Instruction", "\n###", "<|im_end|>", "<|endoftext|>"]
+
+
+def _example(task: Task, response: str | None) -> str:
+    s = f"### Instruction:\n{task.instruction}\n\n"
+    if task.input:
+        s += f"### Input:\n{task.input}\n\n"
+    s += "### Response:\n" + (f"{response}\n\n" if response is not None else "")
+    return s
+
+
+def build_response_prompt(domain: str, description: str, demos: list[tuple[Task, str]],
+                          task: Task, passages: list[str] | None = None) -> str:
+    prompt = RESPONSE_HEADER.format(domain=domain, description=description.strip())
+    prompt += "".join(_example(t, r) for t, r in demos)
+    if passages:
+        # Knowledge-infused variant: retrieved domain passages before the new instruction only,
+        # so the model grounds this answer without the demos learning to expect them.
+        prompt += "### Background:\n" + "\n\n".join(f"[{i}] {p}" for i, p in
+                                                     enumerate(passages, 1)) + "\n\n"
+    return prompt + _example(task, None)
+
+
+def clean_response(text: str) -> str:
+    for stop in RESPONSE_STOP:
+        text = text.split(stop)[0]
+    return text.strip()
+
+
+# ---- Training / serving: the user turn the expert sees ------------------------------------------
+
+def user_message(task: Task) -> str:
+    """One user turn: the instruction, then the input (how a user would paste both)."""
+    return f"{task.instruction}\n\n{task.input}" if task.input else task.instruction

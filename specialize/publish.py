@@ -1,0 +1,108 @@
+"""Stage 7: publish a trained expert into the registry, atomically.
+
+1. Build the whole version folder under `.versions/<name>/.staging-*` (adapter, data, logs,
+   expert.json), then rename it to `.versions/<name>/v<N>` (one atomic rename).
+2. Under the registry lock, point `registry.json` at it (written to a temp file, then os.replace).
+3. Re-point the convenience symlink `<name> -> .versions/<name>/v<N>` (also an os.replace).
+
+A crash before step 2 leaves an unreferenced folder and the old registry; nothing half-written is
+ever visible to the router or the server, which read only what registry.json names.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+from specialize.errors import RegistryError
+from specialize.jsonl import read_jsonl, write_json
+from specialize.registry import (ExpertEntry, LoraInfo, TrainInfo, load_registry, locked,
+                                 utcnow, write_registry)
+from specialize.seeds import Domain
+
+# Work-dir file -> name inside the published data/ folder.
+DATA_FILES = {
+    "generate/instructions.jsonl": "generated.jsonl",
+    "filter/kept.jsonl": "kept_instructions.jsonl",
+    "filter/rejected.jsonl": "rejected_instructions.jsonl",
+    "respond/responses.jsonl": "responses.jsonl",
+    "respond_filter/rejected.jsonl": "rejected_responses.jsonl",
+    "respond2/responses.jsonl": "responses_round2.jsonl",
+    "respond2_filter/rejected.jsonl": "rejected_responses_round2.jsonl",
+}
+
+
+def ensure_writable(experts_dir: Path) -> None:
+    """Fail before any heavy work if the registry cannot be written."""
+    try:
+        experts_dir.mkdir(parents=True, exist_ok=True)
+        probe = experts_dir / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RegistryError(f"experts dir {experts_dir} is not writable ({e.strerror}): pass "
+                            "--experts-dir with a folder you can write") from e
+    load_registry(experts_dir)  # an unreadable registry fails now, not after training
+
+
+def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: Path,
+                   train_file: Path, lora: dict, train_summary: dict, base_model: str,
+                   base_model_path: Path, resolved_config: dict, rounds: int,
+                   n_exemplars: int, seed: int = 0) -> ExpertEntry:
+    name = domain.name
+    versions = experts_dir / ".versions" / name
+    versions.mkdir(parents=True, exist_ok=True)
+    staging = versions / f".staging-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(train_dir / "adapter", staging / "adapter")
+        (staging / "data").mkdir()
+        for src, dst in DATA_FILES.items():
+            if (workdir / src).exists():
+                shutil.copy2(workdir / src, staging / "data" / dst)
+        shutil.copy2(train_file, staging / "data" / "train.jsonl")
+        for f in ("loss.json", "loss.png"):
+            shutil.copy2(train_dir / f, staging / f)
+        if (workdir / "summary.json").exists():
+            shutil.copy2(workdir / "summary.json", staging / "summary.json")
+        write_json(staging / "config.json", resolved_config)
+
+        kept = [r["instruction"] for r in read_jsonl(workdir / "filter" / "kept.jsonl")]
+        sample = random.Random(f"{seed}:{name}").sample(kept, min(n_exemplars, len(kept)))
+        with locked(experts_dir):
+            registry = load_registry(experts_dir)
+            taken = [int(p.name[1:]) for p in versions.glob("v*") if p.name[1:].isdigit()]
+            version = max(taken + [registry.experts[name].version if name in registry.experts
+                                   else 0]) + 1
+            entry = ExpertEntry(
+                name=name, version=version, description=domain.description,
+                base_model=base_model, base_model_path=str(base_model_path),
+                path=f".versions/{name}/v{version}",
+                lora=LoraInfo(**lora),
+                train=TrainInfo(examples=train_summary["examples"],
+                                epochs=train_summary["epochs"],
+                                loss_first=train_summary["loss_first"],
+                                loss_last=train_summary["loss_last"], rounds=rounds),
+                exemplars=[s.instruction for s in domain.seeds] + sample,
+                created=utcnow())
+            write_json(staging / "expert.json", entry.model_dump(mode="json"))
+            final = versions / f"v{version}"
+            os.rename(staging, final)  # atomic: the folder appears complete or not at all
+            registry.experts[name] = entry
+            registry.revision += 1
+            registry.updated = entry.created
+            write_registry(experts_dir, registry)
+            _point_symlink(experts_dir / name, Path(".versions") / name / f"v{version}")
+        return entry
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _point_symlink(link: Path, target: Path) -> None:
+    if link.exists() and not link.is_symlink():
+        return  # a user's own folder of that name: leave it, the registry is what counts
+    tmp = link.with_name(f".{link.name}.link-{uuid.uuid4().hex[:8]}")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

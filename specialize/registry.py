@@ -1,0 +1,162 @@
+"""The expert registry: the one contract between `specialize/` (writer) and `router/` + `serve/`.
+
+Layout under the experts dir (default `experts/`):
+
+    registry.json                     this schema, rewritten atomically on every publish
+    .versions/<name>/v<N>/            immutable published versions: adapter/ data/ expert.json
+    <name> -> .versions/<name>/v<N>   convenience symlink to the current version
+    .lock                             held while a publisher rewrites registry.json
+
+Visibility is defined by `registry.json` alone: a version directory is complete before the
+registry names it, and the registry file is replaced with `os.replace`, so a crash at any point
+leaves either the old or the new registry, never a half-written expert. Paths inside the registry
+are relative to the experts dir, so the folder can be moved or mounted elsewhere (a Ray cluster's
+shared volume) as a unit.
+
+This module imports nothing heavy: the router and the serving ingress read it without torch/vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from specialize.errors import ExpertNotFoundError, RegistryError
+
+FORMAT_VERSION = 1
+REGISTRY_FILE = "registry.json"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Names an expert can never take: they mean something else in the serving `model` field.
+RESERVED_NAMES = frozenset({"auto", "base", "none"})
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name) or name in RESERVED_NAMES:
+        raise RegistryError(
+            f"invalid expert name {name!r}: use 1-64 lowercase letters, digits, '-' or '_' "
+            f"(starting with a letter or digit), not one of {sorted(RESERVED_NAMES)}"
+        )
+    return name
+
+
+class LoraInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int
+    alpha: int
+    target_modules: list[str]
+
+
+class TrainInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    examples: int
+    epochs: float
+    loss_first: float | None = None
+    loss_last: float | None = None
+    rounds: int = 1
+
+
+class ExpertEntry(BaseModel):
+    """One published expert version. `expert.json` in the version folder holds the same object."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: int = Field(ge=1)
+    description: str
+    base_model: str = Field(description="what the user passed: alias, hub id or folder")
+    base_model_path: str = Field(description="the resolved local folder vLLM and PEFT loaded")
+    path: str = Field(description="version folder, relative to the experts dir")
+    lora: LoraInfo
+    train: TrainInfo
+    # What the router indexes: seed instructions plus a sample of kept generated instructions.
+    exemplars: list[str]
+    created: datetime
+
+    _check_name = field_validator("name")(lambda cls, v: check_name(v))
+
+    @property
+    def adapter_path(self) -> str:
+        return f"{self.path}/adapter"
+
+    @property
+    def lora_name(self) -> str:
+        """Name the engine uses: vLLM keys its prefix cache by adapter name, so versions differ."""
+        return f"{self.name}@v{self.version}"
+
+
+class Registry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    # Bumped on every publish; derived artifacts (the router index) record the one they saw.
+    revision: int = 0
+    updated: datetime | None = None
+    experts: dict[str, ExpertEntry] = Field(default_factory=dict)
+
+    def get(self, name: str) -> ExpertEntry:
+        if name not in self.experts:
+            known = ", ".join(sorted(self.experts)) or "none"
+            raise ExpertNotFoundError(f"no expert named {name!r} in the registry (experts: {known})")
+        return self.experts[name]
+
+
+def load_registry(experts_dir: str | os.PathLike) -> Registry:
+    """Read the registry; an absent file is an empty registry (a fresh experts dir)."""
+    path = Path(experts_dir) / REGISTRY_FILE
+    if not path.exists():
+        return Registry()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RegistryError(f"cannot read {path}: {e}") from e
+    found = raw.get("format_version") if isinstance(raw, dict) else None
+    if found != FORMAT_VERSION:
+        raise RegistryError(
+            f"{path} has format_version {found!r}; this selfspec reads {FORMAT_VERSION}. "
+            "Re-publish the experts with this version (selfspec specialize ...)."
+        )
+    try:
+        return Registry.model_validate(raw)
+    except ValidationError as e:
+        raise RegistryError(f"{path} does not match the registry schema: {e}") from e
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def locked(experts_dir: Path) -> Iterator[None]:
+    """Serialize registry read-modify-write across processes (parallel publishers on one volume)."""
+    with open(experts_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_registry(experts_dir: Path, registry: Registry) -> None:
+    atomic_write_text(experts_dir / REGISTRY_FILE, registry.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,72 @@
+"""Stage 3: the base model answers each kept instruction.
+
+Prompt: a one-line domain persona, 5 seed (instruction, response) demonstrations, optionally the
+top-k passages retrieved from the domain corpus (the paper's knowledge-infused variant), then the
+new instruction; greedy decoding. Round 2 instead asks the round-1 expert (through vLLM LoRA),
+in the chat format it was trained on. Responses are appended per batch; a resumed run skips
+instructions that already have one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from specialize.config import RespondConfig
+from specialize.engine import Adapter, Generator, Sampling
+from specialize.jsonl import append_jsonl, read_jsonl, resume_jsonl, write_json
+from specialize.prompts import (RESPONSE_STOP, Task, build_response_prompt, clean_response,
+                                user_message)
+from specialize.retrieve import Retriever
+from specialize.seeds import Domain
+
+
+def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator, workdir: Path,
+                       retriever: Retriever | None = None, adapter: Adapter | None = None,
+                       stage: str = "respond") -> dict:
+    out = workdir / stage
+    path = out / "responses.jsonl"
+    write_json(out / "config.json", {**cfg.model_dump(mode="json"),
+                                     "retrieval_used": retriever.method if retriever else "none",
+                                     "adapter": adapter.name if adapter else None})
+    todo_all = read_jsonl(workdir / "filter" / "kept.jsonl")
+    done = {r["id"] for r in resume_jsonl(path)}
+    todo = [r for r in todo_all if r["id"] not in done]
+    seed_pairs = [(Task(s.instruction, s.input), s.output) for s in domain.seeds]
+
+    started = time.time()
+    bar = tqdm(total=len(todo_all), initial=len(done), desc=f"{domain.name}: responses{' (r2)' if adapter else ''}",
+               unit="resp")
+    for start in range(0, len(todo), cfg.batch_size):
+        rows = todo[start:start + cfg.batch_size]
+        tasks = [Task(r["instruction"], r.get("input", "")) for r in rows]
+        hits = (retriever.search([f"{t.instruction} {t.input}" for t in tasks], cfg.top_k)
+                if retriever else [[] for _ in tasks])
+        prompts = []
+        for row, task, ids in zip(rows, tasks, hits):
+            passages = [retriever.passages[i] for i in ids] if retriever else []
+            if adapter:
+                # The expert was trained on the chat template: ask it the way users will.
+                user = user_message(task)
+                if passages:
+                    user = "Background:\n" + "\n".join(passages) + "\n\n" + user
+                prompts.append(generator.chat_prompt(user))
+            else:
+                rng = random.Random(row["id"])  # stable demos per instruction across resumes
+                demos = rng.sample(seed_pairs, min(cfg.demos, len(seed_pairs)))
+                prompts.append(build_response_prompt(domain.name, domain.description, demos,
+                                                     task, passages))
+        completions = generator.complete(
+            prompts, Sampling(temperature=0.0, max_tokens=cfg.max_tokens, stop=RESPONSE_STOP),
+            adapter=adapter)
+        append_jsonl(path, [
+            {**row, "response": clean_response(c.text), "finish_reason": c.finish_reason,
+             "passages": ids}
+            for row, c, ids in zip(rows, completions, hits)])
+        bar.update(len(rows))
+    bar.close()
+    return {"responses": len(todo_all), "new": len(todo),
+            "seconds": round(time.time() - started, 1)}

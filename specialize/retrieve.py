@@ -1,0 +1,80 @@
+"""Passage retrieval over a domain corpus, for knowledge-grounded responses.
+
+BM25 (bm25s, the paper's choice) or dense retrieval (the router's sentence-transformers encoder +
+an exact FAISS inner-product index). The corpus is Markdown files, cut into passages of at most
+`passage_words` words on paragraph boundaries so that a retrieved passage fits a small context.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def load_passages(corpus_dir: Path, passage_words: int) -> list[str]:
+    passages = []
+    for path in sorted(corpus_dir.glob("*.md")):
+        title, words = "", []
+        for para in path.read_text(encoding="utf-8").split("\n\n"):
+            para = para.strip()
+            if para.startswith("#"):
+                title = para.lstrip("#").strip()
+                continue
+            for chunk_start in range(0, len(para.split()), passage_words):
+                chunk = para.split()[chunk_start:chunk_start + passage_words]
+                if len(words) + len(chunk) > passage_words and words:
+                    passages.append(_passage(title, words))
+                    words = []
+                words += chunk
+        if words:
+            passages.append(_passage(title, words))
+    return passages
+
+
+def _passage(title: str, words: list[str]) -> str:
+    return (f"{title}: " if title else "") + " ".join(words)
+
+
+class Retriever:
+    def __init__(self, passages: list[str], method: str = "bm25", encoder=None):
+        self.passages = passages
+        self.method = method
+        if method == "bm25":
+            import bm25s
+
+            self.index = bm25s.BM25()
+            self.index.index(bm25s.tokenize(passages, stopwords="en", show_progress=False),
+                             show_progress=False)
+        elif method == "dense":
+            import faiss
+
+            self.encoder = encoder
+            vecs = np.asarray(encoder.encode(passages, normalize_embeddings=True), dtype="float32")
+            self.index = faiss.IndexFlatIP(vecs.shape[1])
+            self.index.add(vecs)
+        else:
+            raise ValueError(f"unknown retrieval method {method!r}")
+
+    def search(self, queries: list[str], k: int) -> list[list[int]]:
+        k = min(k, len(self.passages))
+        if self.method == "bm25":
+            import bm25s
+
+            docs, _ = self.index.retrieve(bm25s.tokenize(queries, stopwords="en",
+                                                         show_progress=False),
+                                          k=k, show_progress=False)
+            return [list(map(int, row)) for row in docs]
+        vecs = np.asarray(self.encoder.encode(queries, normalize_embeddings=True), dtype="float32")
+        _, ids = self.index.search(vecs, k)
+        return [list(map(int, row)) for row in ids]
+
+
+def build_retriever(corpus_dir: Path, method: str, passage_words: int) -> Retriever:
+    passages = load_passages(corpus_dir, passage_words)
+    encoder = None
+    if method == "dense":
+        from router.encoder import load_encoder  # the router's encoder: one embedding model
+
+        encoder = load_encoder()
+    return Retriever(passages, method, encoder)
