@@ -43,6 +43,9 @@ class GenerateConfig(_Config):
     temperature: float = Field(1.0, ge=0)  # Self-MoE: 1.0
     top_p: float = Field(0.98, gt=0, le=1)  # Self-MoE: 0.98
     max_tokens: int = Field(384, ge=32)
+    # Constrain each completion to the numbered-list format (vLLM structured outputs), at most
+    # this many new items; 0 turns the constraint off and relies on parsing alone.
+    guided_items: int = Field(4, ge=0, le=20)
     prompts_per_batch: int = Field(16, ge=1)
     # Stop when this many batches in a row add nothing new (a model stuck on duplicates).
     patience: int = Field(4, ge=1)
@@ -67,6 +70,7 @@ class RespondConfig(_Config):
     """Stage 3: the base model answers each kept instruction (greedy, 5 seed demos)."""
 
     demos: int = Field(5, ge=0, le=10)  # Self-Specialization: 5 seed demonstrations
+    temperature: float = Field(0.0, ge=0)  # the paper decodes answers greedily
     max_tokens: int = Field(320, ge=16)
     batch_size: int = Field(32, ge=1)
     retrieval: Literal["none", "bm25", "dense"] = "bm25"
@@ -79,6 +83,7 @@ class ResponseFilterConfig(_Config):
     """Stage 4: drop empty, truncated and degenerate responses."""
 
     min_chars: int = Field(2, ge=1)
+    drop_truncated: bool = True  # an answer cut by max_tokens teaches the expert to stop mid-way
     # A response whose distinct 4-grams are under this share of all its 4-grams is looping.
     min_distinct_ngram_ratio: float = Field(0.5, gt=0, le=1)
     max_line_repeats: int = Field(3, ge=2)

@@ -25,6 +25,7 @@ class Sampling:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    regex: str | None = None  # constrain the output (vLLM structured outputs)
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,12 @@ class VllmGenerator:
     def complete(self, prompts, sampling, adapter=None):
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import StructuredOutputsParams
 
+        guided = StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
-                                seed=sampling.seed)
+                                seed=sampling.seed, structured_outputs=guided)
         lora = LoRARequest(adapter.name, adapter.int_id, str(adapter.path)) if adapter else None
         # Prompts longer than the context (a long seed plus passages) are cut from the left of
         # the demos rather than failing the whole batch.

@@ -16,7 +16,7 @@ def response_verdict(row: dict, cfg: ResponseFilterConfig) -> tuple[str | None, 
     text = row.get("response", "")
     if len(text.strip()) < cfg.min_chars:
         return "empty", ""
-    if row.get("finish_reason") == "length":
+    if cfg.drop_truncated and row.get("finish_reason") == "length":
         return "truncated", "hit max_tokens"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines:

@@ -20,7 +20,8 @@ from specialize.config import GenerateConfig
 from specialize.engine import Generator, Sampling
 from specialize.filter import InstructionFilter
 from specialize.jsonl import append_jsonl, resume_jsonl, write_json
-from specialize.prompts import Task, build_instruction_prompt, parse_instruction_list
+from specialize.prompts import (Task, build_instruction_prompt, instruction_list_regex,
+                                parse_instruction_list)
 from specialize.seeds import Domain
 
 
@@ -55,9 +56,11 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
                 demos += rng.sample(kept, min(cfg.generated_per_prompt, len(kept)))
             prompts.append((len(demos) + 1,
                             build_instruction_prompt(domain.name, domain.description, demos)))
+        first = prompts[0][0]  # every prompt of a batch shows the same number of demos
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                             max_tokens=cfg.max_tokens, seed=rng.randrange(2**31),
-                            stop=("\n\n\n",))
+                            stop=("\n\n\n",), regex=instruction_list_regex(
+                                first, cfg.guided_items) if cfg.guided_items else None)
         completions = generator.complete([p for _, p in prompts], sampling)
 
         new_rows, gained = [], 0

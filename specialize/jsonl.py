@@ -53,6 +53,9 @@ def resume_jsonl(path: Path) -> list[dict]:
     """Rows of an interrupted append-only file, with a torn last line cut off so that new
     appends start on a clean line."""
     rows = read_jsonl(path)
-    if path.exists() and path.read_text(encoding="utf-8").count("\n") != len(rows):
-        write_jsonl(path, rows)
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        whole = sum(1 for line in text.splitlines() if line.strip())
+        if whole != len(rows) or (text and not text.endswith("\n")):
+            write_jsonl(path, rows)
     return rows

@@ -48,6 +48,19 @@ def build_instruction_prompt(domain: str, description: str, demos: list[Task]) -
             + body + f"{len(demos) + 1}. Instruction:")
 
 
+def instruction_list_regex(first: int, max_items: int) -> str:
+    """A regex for vLLM's structured outputs that only admits a well-formed continuation:
+    item `first` (its "Instruction:" is in the prompt), then up to `max_items - 1` more, each with
+    its "Input:" line and consecutive numbers. Weak models then cannot derail the list format,
+    while the words inside each line stay the model's own."""
+    line = r"[^\n]{8,240}\n"
+    inp = r"Input: [^\n]{0,400}\n"
+    tail = ""
+    for n in reversed(range(first + 1, first + max_items)):
+        tail = rf"(?:{n}\. Instruction: {line}{n}\. {inp}{tail})?"
+    return rf" {line}{first}\. {inp}{tail}"
+
+
 _ITEM_START = re.compile(r"^\s*(?:\*\*)?\s*(\d{1,3})\s*[.):]\s*", re.M)
 _FIELD = re.compile(r"^(?:\*\*)?\s*(instruction|input|output|response|answer)\s*(?:\*\*)?\s*:\s*",
                     re.I)

@@ -60,7 +60,8 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
                 prompts.append(build_response_prompt(domain.name, domain.description, demos,
                                                      task, passages))
         completions = generator.complete(
-            prompts, Sampling(temperature=0.0, max_tokens=cfg.max_tokens, stop=RESPONSE_STOP),
+            prompts, Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                              stop=RESPONSE_STOP, seed=start),
             adapter=adapter)
         append_jsonl(path, [
             {**row, "response": clean_response(c.text), "finish_reason": c.finish_reason,

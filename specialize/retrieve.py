@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 import numpy as np
+
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
 
 
 def load_passages(corpus_dir: Path, passage_words: int) -> list[str]:

@@ -109,14 +109,21 @@ def _where(loc: tuple) -> str:
     return out or "top level"
 
 
+_FORMATS = {
+    "seed file": "fields: domain, description, seeds: [{instruction, input?, output}]",
+    "EvalItem": "fields: id, type (multiple_choice|yes_no|short_answer|classification), question, "
+                "answer, and options / labels / aliases by type",
+    "RoutingItem": "fields: query, domain",
+}
+
+
 def _fail(path: Path, e: ValidationError, hint: str) -> SeedError:
     lines = [f"{path}: invalid {hint}:"]
     for err in e.errors()[:10]:
         lines.append(f"  - {_where(err['loc'])}: {err['msg']}")
     if len(e.errors()) > 10:
         lines.append(f"  ... and {len(e.errors()) - 10} more")
-    lines.append("  fix: see seeds/README.md for the format (fields: domain, description, seeds: "
-                 "[{instruction, input?, output}])")
+    lines.append(f"  fix: see seeds/README.md for the format ({_FORMATS[hint]})")
     return SeedError("\n".join(lines))
 
 

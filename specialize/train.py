@@ -95,7 +95,7 @@ def train_adapter(base_model_path: Path, cfg: TrainConfig, train_file: Path,
                         labels=labels.to(device))
             (out.loss / cfg.grad_accum).backward()
             count = int((labels[:, 1:] != -100).sum())
-            loss_sum += float(out.loss) * count
+            loss_sum += float(out.loss.detach()) * count
             tokens += count
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -138,6 +138,9 @@ def plot_loss(log: list[dict], path: Path, title: str) -> None:
         avg = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1])
                for i in range(len(losses))]
         ax.plot(steps, avg, lw=2, label=f"moving average ({w})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("completion-token loss")
     ax.set_title(title)

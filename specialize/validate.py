@@ -61,7 +61,10 @@ def validate_adapter(adapter_dir: Path, base_model_path: Path, max_lora_rank: in
     targets = cfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     present = base_module_names(base_model_path)
-    missing = [t for t in targets if t not in present]
+    # PEFT may save "q_proj" or the full path "model.layers.0.self_attn.q_proj"; like vLLM,
+    # match on the last component.
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    missing = [t for t in leaves if t not in present]
     if missing:
         problems.append(f"target modules {missing} do not exist in the base model "
                         f"({base_model_path}); it has {sorted(present)}")
@@ -69,8 +72,7 @@ def validate_adapter(adapter_dir: Path, base_model_path: Path, max_lora_rank: in
     if problems:
         raise AdapterError(f"{adapter_dir} would be rejected by vLLM:\n  - " +
                            "\n  - ".join(problems))
-    return {"rank": rank, "alpha": int(cfg.get("lora_alpha", rank)),
-            "target_modules": sorted(targets)}
+    return {"rank": rank, "alpha": int(cfg.get("lora_alpha", rank)), "target_modules": leaves}
 
 
 def _vllm_check(cfg: dict, max_lora_rank: int) -> list[str]:

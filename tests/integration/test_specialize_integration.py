@@ -1,0 +1,143 @@
+"""The whole pipeline for real: vLLM generation on a tiny random Llama, PEFT training, vLLM
+serving rules, atomic publish, a resumed interruption, and the adapter changing vLLM's output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from specialize.config import build_config
+from specialize.engine import Adapter, Sampling
+from specialize.jsonl import read_jsonl
+from specialize.pipeline import specialize
+from specialize.registry import load_registry
+from specialize.rouge import rouge_l
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_config(experts_dir: Path, base: Path, **over) -> object:
+    cfg = dict(
+        base_model=str(base), experts_dir=experts_dir,
+        engine={"max_model_len": 2048, "kv_cache_gib": 1},
+        generate={"num_instructions": 8, "prompts_per_batch": 4, "max_tokens": 160,
+                  "guided_items": 3},
+        # Greedy, a random model loops on "\n" (rightly rejected as empty): sample instead.
+        respond={"max_tokens": 24, "batch_size": 4, "top_k": 1, "temperature": 1.0},
+        # A random model never stops by itself: keep its cut-off answers for the mechanics.
+        responses={"drop_truncated": False},
+        train={"epochs": 2, "batch_size": 4, "max_seq_len": 256, "learning_rate": 2e-2,
+               "threads": 2},
+        router_exemplars=4)
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return build_config(**cfg)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tiny_model, engine):
+    """Two rounds on the shipped math seeds (real BM25 grounding on its corpus)."""
+    from tests.integration.conftest import Shared
+
+    experts = tmp_path_factory.mktemp("experts")
+    cfg = tiny_config(experts, tiny_model, rounds=2)
+    results = specialize(["math"], cfg, make_generator=Shared(engine))
+    return experts, results
+
+
+def test_pipeline_publishes_a_complete_expert(published, tiny_model):
+    experts, results = published
+    reg = load_registry(experts)
+    entry = reg.get("math")
+    assert entry.version == 1 and entry.train.rounds == 2
+    assert entry.base_model_path == str(tiny_model)
+    assert entry.lora.rank == 8 and "q_proj" in entry.lora.target_modules
+    version = experts / entry.path
+    assert sorted(p.name for p in version.iterdir()) == [
+        "adapter", "config.json", "data", "expert.json", "loss.json", "loss.png", "summary.json"]
+    assert sorted(p.name for p in (version / "data").iterdir()) == [
+        "generated.jsonl", "kept_instructions.jsonl", "rejected_instructions.jsonl",
+        "rejected_responses.jsonl", "rejected_responses_round2.jsonl", "responses.jsonl",
+        "responses_round2.jsonl", "train.jsonl"]
+    cfg = json.loads((version / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and not cfg.get("modules_to_save")
+    assert not (experts / ".work" / "math").exists()  # work dir cleaned after publish
+    assert results[0]["kept_instructions"] == 8
+    loss = json.loads((version / "loss.json").read_text())
+    assert len(loss) >= 2 and all(r["loss"] > 0 for r in loss)
+
+
+def test_training_data_was_written_by_the_model_not_copied(published):
+    from specialize.seeds import load_domain
+
+    experts, _ = published
+    data = Path(experts / "math" / "data")
+    train = read_jsonl(data / "train.jsonl")
+    generated = {r["id"]: r for r in read_jsonl(data / "generated.jsonl")}
+    seeds = [s.instruction for s in load_domain("math").seeds]
+    assert train and all(r["id"] in generated for r in train)
+    for row in train:
+        assert max(rouge_l(row["instruction"], s) for s in seeds) <= 0.7
+    assert len({r["instruction"] for r in train}) == len(train)
+    rejected = read_jsonl(data / "rejected_instructions.jsonl")
+    assert all(r["reason"] for r in rejected)
+
+
+def test_round2_answers_come_from_the_round1_adapter(published):
+    experts, _ = published
+    r1 = {r["id"]: r["response"] for r in read_jsonl(experts / "math/data/responses.jsonl")}
+    r2 = {r["id"]: r["response"] for r in
+          read_jsonl(experts / "math/data/responses_round2.jsonl")}
+    assert r1.keys() == r2.keys()
+    assert any(r1[k] != r2[k] for k in r1)  # other prompt format and adapter weights
+
+
+def test_published_adapter_changes_vllm_output(published, engine):
+    experts, _ = published
+    entry = load_registry(experts).get("math")
+    prompt = engine.chat_prompt("Solve for x: 3x + 5 = 20.")
+    greedy = Sampling(temperature=0.0, max_tokens=12)
+    base = engine.complete([prompt], greedy)[0].text
+    tuned = engine.complete([prompt], greedy, Adapter(entry.lora_name, 77,
+                                                      experts / entry.adapter_path))[0].text
+    assert tuned != base
+
+
+def test_second_run_publishes_version_2(published, tiny_model, engine, tmp_path):
+    from tests.integration.conftest import Shared
+
+    experts, _ = published
+    before = load_registry(experts)
+    cfg = tiny_config(experts, tiny_model, generate={"num_instructions": 4})
+    specialize(["math"], cfg, make_generator=Shared(engine))
+    after = load_registry(experts)
+    assert after.get("math").version == 2 and after.revision == before.revision + 1
+    assert (experts / ".versions/math/v1/adapter").is_dir()
+    assert Path(experts / "math").resolve().name == "v2"
+
+
+def test_interrupted_run_resumes_without_duplicates(tmp_path, tiny_model, engine):
+    from specialize.errors import ConfigError
+    from tests.integration.conftest import Shared
+
+    experts = tmp_path / "experts"
+    cfg = tiny_config(experts, tiny_model, generate={"num_instructions": 12,
+                                                     "prompts_per_batch": 2})
+    with pytest.raises(KeyboardInterrupt):
+        specialize(["finance"], cfg, make_generator=Shared(engine, interrupt_on_call=3))
+    work = experts / ".work" / "finance"
+    before = read_jsonl(work / "generate" / "instructions.jsonl")
+    assert before and not load_registry(experts).experts  # nothing published yet
+    with pytest.raises(ConfigError, match="--resume"):
+        specialize(["finance"], cfg, make_generator=Shared(engine))
+    specialize(["finance"], cfg, resume=True, make_generator=Shared(engine))
+    data = experts / "finance" / "data"
+    generated = read_jsonl(data / "generated.jsonl")
+    assert generated[:len(before)] == before  # nothing lost, nothing rewritten
+    ids = [r["id"] for r in generated]
+    assert len(ids) == len(set(ids))
+    train = read_jsonl(data / "train.jsonl")
+    assert len({r["id"] for r in train}) == len(train) == 12 - len(
+        read_jsonl(data / "rejected_responses.jsonl"))

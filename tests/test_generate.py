@@ -1,0 +1,77 @@
+"""Stage 1 and 3 with a fake generator: stopping rule, files, resume without duplicates."""
+
+from __future__ import annotations
+
+import pytest
+
+from specialize.config import FilterConfig, GenerateConfig, RespondConfig
+from specialize.filter import build_filter, filter_instructions
+from specialize.generate import generate_instructions
+from specialize.jsonl import append_jsonl, read_jsonl
+from specialize.respond import generate_responses
+from specialize.seeds import load_domain
+from tests.conftest import FakeGenerator, write_domain
+
+
+@pytest.fixture
+def domain(tmp_path):
+    write_domain(tmp_path / "seeds")
+    return load_domain("demo", tmp_path / "seeds")
+
+
+def test_generates_until_target_kept(tmp_path, domain):
+    cfg = GenerateConfig(num_instructions=10, prompts_per_batch=2)
+    gen = FakeGenerator()
+    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    assert res["stopped"] == "target" and res["kept"] >= 10
+    sampling = gen.calls[0][1]
+    assert (sampling.temperature, sampling.top_p) == (1.0, 0.98)
+    assert sampling.regex and sampling.regex.startswith(" ")  # guided list format
+    summary = filter_instructions(domain, FilterConfig(), 10, tmp_path)
+    assert summary["kept"] == 10
+    assert len(read_jsonl(tmp_path / "filter" / "kept.jsonl")) == 10
+
+
+def test_patience_stops_a_model_that_only_repeats(tmp_path, domain):
+    class Repeater(FakeGenerator):
+        def complete(self, prompts, sampling, adapter=None):
+            self.counter = 0  # the same items every call: all near-duplicates after the first
+            return super().complete(prompts, sampling, adapter)
+
+    cfg = GenerateConfig(num_instructions=100, prompts_per_batch=1, patience=2)
+    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), Repeater(),
+                                tmp_path)
+    assert res["stopped"] == "patience" and res["kept"] == 3 and res["batches"] == 3
+
+
+def test_resume_after_torn_write_continues_without_duplicates(tmp_path, domain):
+    cfg = GenerateConfig(num_instructions=6, prompts_per_batch=1)
+    gen = FakeGenerator()
+    generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    path = tmp_path / "generate" / "instructions.jsonl"
+    first = read_jsonl(path)
+    with open(path, "a") as f:
+        f.write('{"id": "torn", "instr')  # a kill in the middle of a write
+    cfg2 = GenerateConfig(num_instructions=12, prompts_per_batch=1)
+    generate_instructions(domain, cfg2, build_filter(domain, FilterConfig()), gen, tmp_path)
+    rows = read_jsonl(path)
+    assert rows[:len(first)] == first
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) and "torn" not in ids
+    assert filter_instructions(domain, FilterConfig(), 12, tmp_path)["kept"] == 12
+
+
+def test_responses_resume_skips_answered(tmp_path, domain):
+    gen = FakeGenerator()
+    generate_instructions(domain, GenerateConfig(num_instructions=6, prompts_per_batch=1),
+                          build_filter(domain, FilterConfig()), gen, tmp_path)
+    filter_instructions(domain, FilterConfig(), 6, tmp_path)
+    kept = read_jsonl(tmp_path / "filter" / "kept.jsonl")
+    append_jsonl(tmp_path / "respond" / "responses.jsonl",
+                 [{**kept[0], "response": "done before", "finish_reason": "stop", "passages": []}])
+    res = generate_responses(domain, RespondConfig(batch_size=2), gen, tmp_path)
+    assert res == {"responses": 6, "new": 5, "seconds": res["seconds"]}
+    rows = read_jsonl(tmp_path / "respond" / "responses.jsonl")
+    assert [r["id"] for r in rows] == [r["id"] for r in kept]
+    assert rows[0]["response"] == "done before"
+    assert gen.calls[-1][1].temperature == 0.0  # greedy, as the paper
