@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfspec", description="Self-specialized domain "
                                      "experts from one base model, served together.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    from router.cli import add_parsers as _router_parsers
     sub = parser.add_subparsers(dest="command", required=True)
     _specialize_parser(sub)
     _experts_parser(sub)
+    _router_parsers(sub)
     return parser
 
 

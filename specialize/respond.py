@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -61,7 +62,7 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
                                                      task, passages))
         completions = generator.complete(
             prompts, Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                              stop=RESPONSE_STOP, seed=start),
+                              stop=RESPONSE_STOP, seed=zlib.crc32(f"{stage}:{start}".encode())),
             adapter=adapter)
         append_jsonl(path, [
             {**row, "response": clean_response(c.text), "finish_reason": c.finish_reason,

@@ -30,6 +30,7 @@ class Shared:
 
     def __init__(self, engine, interrupt_on_call: int | None = None):
         self.engine, self.calls, self.interrupt_on_call = engine, 0, interrupt_on_call
+        self.adapters = []  # every adapter the pipeline asked vLLM to use
 
     def __call__(self, *args, **kwargs):  # the pipeline's make_generator(base, cfg[, rank])
         return self
@@ -38,6 +39,8 @@ class Shared:
         self.calls += 1
         if self.calls == self.interrupt_on_call:
             raise KeyboardInterrupt
+        if adapter:
+            self.adapters.append(adapter)
         return self.engine.complete(prompts, sampling, adapter)
 
     def chat_prompt(self, user):

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from specialize.config import build_config
-from specialize.engine import Adapter, Sampling
 from specialize.jsonl import read_jsonl
 from specialize.pipeline import specialize
 from specialize.registry import load_registry
@@ -43,12 +42,13 @@ def published(tmp_path_factory, tiny_model, engine):
 
     experts = tmp_path_factory.mktemp("experts")
     cfg = tiny_config(experts, tiny_model, rounds=2)
-    results = specialize(["math"], cfg, make_generator=Shared(engine))
-    return experts, results
+    shared = Shared(engine)
+    results = specialize(["math"], cfg, make_generator=shared)
+    return experts, results, shared
 
 
 def test_pipeline_publishes_a_complete_expert(published, tiny_model):
-    experts, results = published
+    experts, results, _ = published
     reg = load_registry(experts)
     entry = reg.get("math")
     assert entry.version == 1 and entry.train.rounds == 2
@@ -72,7 +72,7 @@ def test_pipeline_publishes_a_complete_expert(published, tiny_model):
 def test_training_data_was_written_by_the_model_not_copied(published):
     from specialize.seeds import load_domain
 
-    experts, _ = published
+    experts, _, _ = published
     data = Path(experts / "math" / "data")
     train = read_jsonl(data / "train.jsonl")
     generated = {r["id"]: r for r in read_jsonl(data / "generated.jsonl")}
@@ -86,29 +86,47 @@ def test_training_data_was_written_by_the_model_not_copied(published):
 
 
 def test_round2_answers_come_from_the_round1_adapter(published):
-    experts, _ = published
+    experts, _, shared = published
     r1 = {r["id"]: r["response"] for r in read_jsonl(experts / "math/data/responses.jsonl")}
     r2 = {r["id"]: r["response"] for r in
           read_jsonl(experts / "math/data/responses_round2.jsonl")}
-    assert r1.keys() == r2.keys()
-    assert any(r1[k] != r2[k] for k in r1)  # other prompt format and adapter weights
+    assert r1.keys() == r2.keys() and len(r2) == 8
+    # Every round-2 batch went through vLLM with the round-1 LoRA (8 answers, batches of 4).
+    assert [a.name for a in shared.adapters] == ["math-round1"] * 2
+    assert shared.adapters[0].path.name == "adapter" and shared.adapters[0].path.parent.name == "train"
+    train = read_jsonl(experts / "math/data/train.jsonl")
+    assert {r["output"] for r in train} <= set(r2.values())  # the expert learned round 2
 
 
 def test_published_adapter_changes_vllm_output(published, engine):
-    experts, _ = published
+    experts, _, _ = published
     entry = load_registry(experts).get("math")
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
     prompt = engine.chat_prompt("Solve for x: 3x + 5 = 20.")
-    greedy = Sampling(temperature=0.0, max_tokens=12)
-    base = engine.complete([prompt], greedy)[0].text
-    tuned = engine.complete([prompt], greedy, Adapter(entry.lora_name, 77,
-                                                      experts / entry.adapter_path))[0].text
-    assert tuned != base
+    # Greedy text of a random model is pinned to one token; its distribution is what moves.
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=20)
+    lora = LoRARequest(entry.lora_name, 77, str(experts / entry.adapter_path))
+    base, tuned = (engine.llm.generate([prompt], params, lora_request=r, use_tqdm=False)[0]
+                   .outputs[0].logprobs[0] for r in (None, lora))
+    shared_ids = base.keys() & tuned.keys()
+    assert shared_ids
+    shift = max(abs(base[t].logprob - tuned[t].logprob) for t in shared_ids)
+    assert shift > 0.05, shift
+    # Both requests in one batch: vLLM mixes base and adapter rows and keeps them apart.
+    mixed = engine.llm.generate([prompt, prompt], params, lora_request=[None, lora],
+                                use_tqdm=False)
+    assert mixed[0].outputs[0].logprobs[0][next(iter(shared_ids))].logprob == pytest.approx(
+        base[next(iter(shared_ids))].logprob, abs=1e-3)
+    assert mixed[1].outputs[0].logprobs[0][next(iter(shared_ids))].logprob == pytest.approx(
+        tuned[next(iter(shared_ids))].logprob, abs=1e-3)
 
 
 def test_second_run_publishes_version_2(published, tiny_model, engine, tmp_path):
     from tests.integration.conftest import Shared
 
-    experts, _ = published
+    experts, _, _ = published
     before = load_registry(experts)
     cfg = tiny_config(experts, tiny_model, generate={"num_instructions": 4})
     specialize(["math"], cfg, make_generator=Shared(engine))

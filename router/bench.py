@@ -1,0 +1,193 @@
+"""`selfspec bench router`: latency, throughput, accuracy vs a baseline, exact-vs-HNSW crossover.
+
+Everything runs on one thread (torch and FAISS), the budget the issue sets: "one CPU core".
+Benchmarks, not tests: the numbers depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGETS = {"p50_ms": 25.0, "batched_qps": 250.0, "top1_accuracy": 0.95, "none_recall": 0.90}
+BATCH = 64
+
+
+def _one_thread() -> None:
+    import faiss
+    import torch
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+
+
+def _router(experts_dir: Path, encoder):
+    from router.route import Router
+    from router.seedset import seed_exemplars
+    from specialize.registry import load_registry
+
+    reg = load_registry(experts_dir)
+    if reg.experts:
+        return Router.load(experts_dir, encoder=encoder), f"registry {experts_dir}", \
+            {n: e.exemplars for n, e in reg.experts.items()}, \
+            {n: e.description for n, e in reg.experts.items()}
+    exemplars, descriptions = seed_exemplars()
+    router = Router.from_exemplars(exemplars, encoder, descriptions=descriptions)
+    return router, "shipped seeds (no experts published yet)", exemplars, descriptions
+
+
+def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> dict:
+    from router.baseline import TfidfCentroid
+    from router.evaluate import evaluate
+    from router.seedset import load_routing, routing_files
+
+    _one_thread()
+    router, source, exemplars, descriptions = _router(experts_dir, encoder)
+    items = load_routing(routing_files())
+    queries = [it.query for it in items]
+    domains = [it.domain for it in items]
+
+    for q in queries[:10]:  # warm-up: first calls allocate and fill caches
+        router.route(q)
+    lat = []
+    for q in queries:
+        t = time.perf_counter()
+        router.route(q)
+        lat.append(time.perf_counter() - t)
+    lat_ms = np.array(lat) * 1000
+
+    batched = []
+    for _ in range(3):
+        t = time.perf_counter()
+        choices = [c for i in range(0, len(queries), BATCH)
+                   for c in router.route_batch(queries[i:i + BATCH])]
+        batched.append(len(queries) / (time.perf_counter() - t))
+    qps = float(np.median(batched))
+    unbatched_qps = len(queries) / (lat_ms.sum() / 1000)
+
+    vecs = router.encoder.encode(queries)
+    t = time.perf_counter()
+    for v in vecs:
+        router.score_vectors(v[None, :])
+    search_ms = (time.perf_counter() - t) / len(vecs) * 1000
+
+    scores = np.array([[c.scores_by_expert[n] for n in router.names] for c in choices])
+    acc = evaluate(router.names, router.thresholds, scores, domains).metrics
+    t = time.perf_counter()
+    base = TfidfCentroid(exemplars, descriptions)
+    base_scores = base.scores(queries)
+    base_acc = evaluate(base.names, base.thresholds, base_scores, domains).metrics
+    base_ms = (time.perf_counter() - t) * 1000
+
+    return {
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "cores_visible": os.cpu_count(), "threads_used": 1,
+                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "router": {"source": source, "encoder": router.encoder.name,
+                   "experts": router.names, "n_vectors": int(router.index.ntotal),
+                   "index_kind": router.kind,
+                   "thresholds": dict(zip(router.names, map(float, router.thresholds)))},
+        "queries": len(queries),
+        "latency_ms": {"p50": _r(np.percentile(lat_ms, 50)), "p99": _r(np.percentile(lat_ms, 99)),
+                       "mean": _r(lat_ms.mean()), "search_and_score_mean": _r(search_ms)},
+        "throughput_qps": {"batched": _r(qps), "batch_size": BATCH,
+                           "unbatched": _r(unbatched_qps), "speedup": _r(qps / unbatched_qps)},
+        "accuracy": {"router": _acc(acc), "tfidf_centroid_baseline": _acc(base_acc),
+                     "baseline_fit_and_score_ms": _r(base_ms)},
+        "search_crossover": crossover(router, vecs, sizes),
+        "targets": {k: {"target": v, "measured": m, "ratio": _r(m / v)} for k, v, m in [
+            ("p50_ms", TARGETS["p50_ms"], _r(np.percentile(lat_ms, 50))),
+            ("batched_qps", TARGETS["batched_qps"], _r(qps)),
+            ("top1_accuracy", TARGETS["top1_accuracy"], acc["top1_accuracy"]),
+            ("none_recall", TARGETS["none_recall"], acc["none_recall"])]},
+    }
+
+
+def crossover(router, queries: np.ndarray, sizes) -> dict:
+    """Single-query search time, exact (flat) vs HNSW, on exemplar-like clustered vectors.
+
+    The router's own vectors are the cluster centres; each synthetic vector is a centre plus
+    noise of the spread seen between paraphrases (cos ~0.7 to the centre). k=64, the router's
+    search depth above its exhaustive range."""
+    import faiss
+
+    from router.vectors import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, index_contents
+
+    centres, _ = index_contents(router.index)
+    rng = np.random.default_rng(0)
+    q = np.ascontiguousarray(queries[:200], dtype=np.float32)
+    k = 64
+    points = []
+    for n in sizes:
+        x = centres[rng.integers(0, len(centres), n)] + \
+            rng.normal(0, 0.04, (n, centres.shape[1])).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        flat = faiss.IndexFlatIP(x.shape[1])
+        flat.add(x)
+        t = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(x.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        hnsw.add(x)
+        build_s = time.perf_counter() - t
+        hnsw.hnsw.efSearch = HNSW_EF_SEARCH
+        flat_ms, exact = _time_search(flat, q, k)
+        hnsw_ms, approx = _time_search(hnsw, q, k)
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(exact, approx)])
+        points.append({"n": n, "flat_ms": _r(flat_ms), "hnsw_ms": _r(hnsw_ms),
+                       "hnsw_recall_at_64": _r(recall), "hnsw_build_s": _r(build_s)})
+    faster = [p["n"] for p in points if p["hnsw_ms"] < p["flat_ms"]]
+    return {"k": k, "ef_search": HNSW_EF_SEARCH, "M": HNSW_M, "points": points,
+            "crossover_n": min(faster) if faster else None}
+
+
+def _time_search(index, q: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    index.search(q[:5], k)  # warm-up
+    times, ids = [], []
+    for v in q:
+        t = time.perf_counter()
+        _, i = index.search(v[None, :], k)
+        times.append(time.perf_counter() - t)
+        ids.append(i[0])
+    return float(np.median(times) * 1000), np.array(ids)
+
+
+def _acc(m: dict) -> dict:
+    keys = ("top1_accuracy", "routed_accuracy", "none_recall", "overall_accuracy")
+    return {k: m[k] for k in keys} | {"per_class": m["per_class"]}
+
+
+def _r(x) -> float:
+    return round(float(x), 4)
+
+
+def format_bench(r: dict) -> str:
+    t, lat, thr, acc = r["targets"], r["latency_ms"], r["throughput_qps"], r["accuracy"]
+    rt, bl = acc["router"], acc["tfidf_centroid_baseline"]
+    cx = r["search_crossover"]
+    lines = [
+        f"router bench: {r['router']['source']}, {r['router']['n_vectors']} vectors "
+        f"({r['router']['index_kind']}), encoder {r['router']['encoder']}, 1 thread, "
+        f"load avg {r['machine']['load_avg_1m']}",
+        f"latency p50 {lat['p50']:.1f} ms (target <= 25: {t['p50_ms']['ratio']:.2f}x), "
+        f"p99 {lat['p99']:.1f} ms; search+score {lat['search_and_score_mean']:.2f} ms",
+        f"batched {thr['batched']:.0f} q/s (target >= 250: {t['batched_qps']['ratio']:.2f}x); "
+        f"unbatched {thr['unbatched']:.0f} q/s; batching {thr['speedup']:.1f}x",
+        f"{'':22s}{'top-1':>8s}{'routed':>8s}{'none->base':>12s}{'overall':>9s}",
+    ]
+    for name, m in (("router", rt), ("tf-idf centroid", bl)):
+        lines.append(f"{name:22s}" + "".join(
+            f"{100 * (m[k] or 0):>{w}.1f}%" for k, w in (("top1_accuracy", 7),
+                                                          ("routed_accuracy", 7),
+                                                          ("none_recall", 11),
+                                                          ("overall_accuracy", 8))))
+    lines.append(f"top-1 vs target 95%: {t['top1_accuracy']['ratio']:.3f}x; none->base vs 90%: "
+                 f"{t['none_recall']['ratio']:.3f}x")
+    lines.append("search per query, flat vs HNSW (ms): " + ", ".join(
+        f"{p['n']}: {p['flat_ms']:.2f}/{p['hnsw_ms']:.2f} (recall {p['hnsw_recall_at_64']:.2f})"
+        for p in cx["points"]))
+    lines.append(f"crossover: HNSW faster from {cx['crossover_n']} vectors"
+                 if cx["crossover_n"] else "crossover: flat was faster at every size measured")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""The router index on disk, beside the registry it was built from:
+
+    <experts_dir>/router/meta.json          encoder name + dim, registry revision + fingerprint,
+                                            experts, thresholds, scoring and calibration numbers
+    <experts_dir>/router/index-<build>.faiss  the vectors, labelled with expert numbers
+
+meta.json is replaced atomically and names its index file, so a reader sees one whole build or
+the previous one; builds are serialized by `router/.lock` (our own lock: publishing may call
+`ensure_index` while it holds the registry's). A stale index (another registry revision, or a
+registry edited by hand) is rebuilt; one built with another encoder is refused unless
+`rebuild=True`, because silently re-embedding with a different model changes every route.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from router.encoder import Encoder, canonical_name, load_encoder
+from router.route import Router
+from router.types import RouterError, ScoringConfig
+from router.vectors import index_kind, read_index, write_index
+from specialize.registry import Registry, atomic_write_text, load_registry, utcnow
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = 1
+ROUTER_DIR = "router"
+META_FILE = "meta.json"
+
+
+def router_dir(experts_dir: str | os.PathLike) -> Path:
+    return Path(experts_dir) / ROUTER_DIR
+
+
+def read_meta(experts_dir: str | os.PathLike) -> dict | None:
+    path = router_dir(experts_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return meta if isinstance(meta, dict) else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("unreadable %s (%s): it will be rebuilt", path, e)
+        return None
+
+
+def fingerprint(registry: Registry) -> str:
+    """What the index depends on; catches a hand-edited registry whose revision did not move."""
+    parts = [(n, e.version, e.description, e.exemplars) for n, e in sorted(registry.experts.items())]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def ensure_index(experts_dir: str | os.PathLike, encoder: Encoder | str | None = None,
+                 rebuild: bool = False) -> Path:
+    """Build the index if missing or stale; return its folder. encoder=None keeps the encoder
+    the current index was built with (the embedded default for a first build)."""
+    return _ensure(Path(experts_dir), encoder, rebuild)[0]
+
+
+def pending_build(experts_dir: str | os.PathLike, encoder: Encoder | str | None = None,
+                  rebuild: bool = False) -> str | None:
+    """Why the next load would build the index (None: it is fresh). Raises what load would."""
+    registry = load_registry(experts_dir)
+    if not registry.experts:
+        return None  # load will refuse with the clear message
+    if rebuild:
+        return "rebuild requested"
+    return _stale_reason(read_meta(experts_dir), registry, router_dir(experts_dir), encoder)
+
+
+def load_router(experts_dir: str | os.PathLike, encoder: Encoder | str | None = None,
+                rebuild: bool = False) -> Router:
+    experts_dir = Path(experts_dir)
+    folder, built = _ensure(experts_dir, encoder, rebuild)
+    if built is not None:
+        return built
+    for _ in range(3):  # a concurrent rebuild may delete the file meta.json named a moment ago
+        meta = read_meta(experts_dir)
+        if meta is None:
+            break
+        try:
+            index = read_index(folder / meta["index_file"])
+        except (FileNotFoundError, RuntimeError):
+            continue
+        enc = load_encoder(encoder if encoder is not None else meta["encoder"]["name"])
+        cfg = ScoringConfig(**meta["scoring"])
+        thr = [meta["thresholds"][n] for n in meta["experts"]]
+        return Router(enc, index, meta["experts"], thr, cfg, _info(meta, experts_dir))
+    raise RouterError(f"cannot read the router index in {folder}: delete the folder and retry")
+
+
+def _ensure(experts_dir: Path, encoder, rebuild: bool) -> tuple[Path, Router | None]:
+    registry = load_registry(experts_dir)
+    if not registry.experts:
+        raise RouterError(f"no experts in {experts_dir / 'registry.json'}: nothing to route to. "
+                          "Run `selfspec specialize --all` first (or pass --experts-dir)")
+    folder = router_dir(experts_dir)
+    meta = read_meta(experts_dir)
+    if not rebuild and _stale_reason(meta, registry, folder, encoder) is None:
+        return folder, None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder):
+            meta = read_meta(experts_dir)  # another process may have just built it
+            reason = "rebuild requested" if rebuild else \
+                _stale_reason(meta, registry, folder, encoder)
+            if reason is None:
+                return folder, None
+            if encoder is None:
+                encoder = meta["encoder"]["name"] if meta and "encoder" in meta else None
+            log.info("building the router index in %s: %s", folder, reason)
+            router = _build(experts_dir, registry, encoder)
+            _save(router, folder, registry, experts_dir)
+            return folder, router
+    except OSError as e:
+        raise RouterError(f"cannot write the router index in {folder} ({e}): make the experts "
+                          "dir writable, or build the index where it is") from e
+
+
+def _stale_reason(meta: dict | None, registry: Registry, folder: Path, encoder) -> str | None:
+    if meta is None:
+        return "no index yet"
+    try:
+        built_with, dim = meta["encoder"]["name"], int(meta["encoder"]["dim"])
+        if meta.get("format_version") != INDEX_FORMAT:
+            return f"index format {meta.get('format_version')} (this selfspec writes {INDEX_FORMAT})"
+        want = canonical_name(encoder) if isinstance(encoder, (str, type(None))) else encoder.name
+        if encoder is not None and (want != built_with or
+                                    (not isinstance(encoder, str) and encoder.dim != dim)):
+            raise RouterError(
+                f"the router index in {folder} was built with encoder {built_with!r} (dim {dim}) "
+                f"but {want!r} is configured: pass --rebuild-index (rebuild=True) to re-embed "
+                "every exemplar with it, or drop --encoder to keep the index's encoder")
+        if meta["registry_revision"] != registry.revision:
+            return (f"built from registry revision {meta['registry_revision']}, "
+                    f"registry is at {registry.revision}")
+        if meta.get("registry_fingerprint") != fingerprint(registry):
+            return "registry content changed without a new revision"
+        if not (folder / meta["index_file"]).is_file():
+            return "index file missing"
+    except (KeyError, TypeError, ValueError) as e:
+        return f"meta.json incomplete ({e!r})"
+    return None
+
+
+def _build(experts_dir: Path, registry: Registry, encoder) -> Router:
+    names = sorted(registry.experts)
+    return Router.from_exemplars(
+        {n: registry.experts[n].exemplars for n in names}, load_encoder(encoder),
+        descriptions={n: registry.experts[n].description for n in names})
+
+
+def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -> None:
+    from router.vectors import HNSW_MIN_VECTORS
+
+    build = f"r{registry.revision}-{uuid.uuid4().hex[:8]}"
+    index_file = f"index-{build}.faiss"
+    tmp = folder / f".{index_file}.tmp"
+    write_index(router.index, tmp)
+    os.replace(tmp, folder / index_file)
+    meta = {
+        "format_version": INDEX_FORMAT,
+        "encoder": {"name": router.encoder.name, "dim": router.encoder.dim},
+        "registry_revision": registry.revision,
+        "registry_fingerprint": fingerprint(registry),
+        "experts": router.names,
+        "expert_versions": {n: registry.experts[n].version for n in router.names},
+        "index_file": index_file,
+        "index_kind": index_kind(router.index),
+        "hnsw_min_vectors": HNSW_MIN_VECTORS,
+        "n_vectors": int(router.index.ntotal),
+        "thresholds": {n: float(t) for n, t in zip(router.names, router.thresholds)},
+        "scoring": router.cfg.to_json(),
+        "calibration": router.info.get("calibration"),
+        "cv_top1": router.info.get("cv_top1"),
+        "built": utcnow().isoformat(),
+    }
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
+    for old in folder.glob("index-*.faiss"):
+        if old.name != index_file:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+    router.info.update(_info(meta, experts_dir))
+
+
+def _info(meta: dict, experts_dir: Path) -> dict:
+    return {"experts_dir": str(experts_dir), "registry_revision": meta["registry_revision"],
+            "n_vectors": meta["n_vectors"], "calibration": meta.get("calibration"),
+            "cv_top1": meta.get("cv_top1"), "encoder": meta["encoder"]["name"]}
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,0 +1,56 @@
+"""The shipped seeds as router inputs: exemplars per domain, a registry built from them, and the
+routing evaluation sets. Used by tests, the bench (before any expert is specialized) and anyone
+trying the router on the seeds alone. The routing sets are evaluation data: nothing here feeds
+them into calibration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specialize.registry import (ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow,
+                                 write_registry)
+from specialize.seeds import RoutingItem, available_domains, load_domain, load_jsonl, seeds_root
+
+
+def seed_exemplars(root: Path | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """{domain: seed instructions}, {domain: description} for every shipped domain."""
+    exemplars, descriptions = {}, {}
+    for name in available_domains(root):
+        domain = load_domain(name, root)
+        exemplars[name] = [s.instruction for s in domain.seeds]
+        descriptions[name] = domain.description
+    return exemplars, descriptions
+
+
+def write_seed_registry(experts_dir: Path, root: Path | None = None,
+                        domains: list[str] | None = None, revision: int = 1) -> Registry:
+    """A registry whose experts carry the seeds' exemplars and placeholder adapters: what the
+    router reads from a real `selfspec specialize --all`, minus the generated exemplars."""
+    exemplars, descriptions = seed_exemplars(root)
+    registry = Registry(revision=revision, updated=utcnow())
+    for name in domains or sorted(exemplars):
+        registry.experts[name] = ExpertEntry(
+            name=name, version=1, description=descriptions[name], base_model="placeholder",
+            base_model_path="placeholder", path=f".versions/{name}/v1",
+            lora=LoraInfo(rank=8, alpha=16, target_modules=["q_proj"]),
+            train=TrainInfo(examples=0, epochs=0), exemplars=exemplars[name], created=utcnow())
+    experts_dir.mkdir(parents=True, exist_ok=True)
+    write_registry(experts_dir, registry)
+    return registry
+
+
+def routing_files(root: Path | None = None) -> list[Path]:
+    """seeds/*/routing.jsonl + seeds/routing_none.jsonl: the shipped evaluation sets."""
+    root = root or seeds_root()
+    files = sorted(root.glob("*/routing.jsonl"))
+    if (root / "routing_none.jsonl").is_file():
+        files.append(root / "routing_none.jsonl")
+    return files
+
+
+def load_routing(paths: list[Path]) -> list[RoutingItem]:
+    items: list[RoutingItem] = []
+    for p in paths:
+        items.extend(load_jsonl(Path(p), RoutingItem))
+    return items

@@ -1,0 +1,66 @@
+"""The router's public value types: one result type, one error class, one settings object.
+
+Nothing heavy is imported here: `serve/` and the CLI parser import this module cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specialize.errors import SelfspecError
+
+
+class RouterError(SelfspecError):
+    """The router cannot route: no experts, an index built with another encoder, bad input."""
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """Where one query goes. `expert=None` means the base model: a value, never an exception.
+
+    `score` is the chosen (or, on fallback, the best) expert's score; an empty query scores 0.0
+    with no per-expert scores. `threshold` and `reason` explain the decision (serve/ puts them in
+    its decision headers).
+    """
+
+    expert: str | None
+    score: float
+    scores_by_expert: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return {"expert": self.expert, "score": round(self.score, 4),
+                "scores": {k: round(v, 4) for k, v in self.scores_by_expert.items()},
+                "threshold": None if self.threshold is None else round(self.threshold, 4),
+                "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How neighbours become per-expert scores and how thresholds are calibrated.
+
+    Defaults were chosen by 5-fold cross-validation on the shipped seed exemplars only (the
+    routing sets are evaluation data); router/NOTES.md has the tables.
+    """
+
+    # score_e = (1 - centroid_weight) * mean(top_k sims to e's exemplars) + centroid_weight *
+    # cos(query, e's centroid). CV top-1: max 90.3%, top-2 mean 92.6%, top-2 + centroid 94.6%.
+    top_k: int = 2
+    centroid_weight: float = 0.5
+    # Threshold_e = this percentile of the scores the OTHER experts' held-out exemplars get on e
+    # (at most a quarter of off-domain exemplars would pass); 75 keeps >= 90% of off-topic
+    # queries on the base model without looking at them.
+    negative_percentile: float = 75.0
+    # ... but never below this fraction of the median in-domain held-out score: when domains are
+    # far apart their negatives sit at noise level, and p75 of noise would let a quarter of
+    # off-topic queries through. Inactive on the shipped seeds (medians 0.41-0.46, p75 >= 0.23).
+    positive_median_fraction: float = 0.5
+    # With a single expert there are no negatives: use a low percentile of its own held-out
+    # exemplars instead (95% of in-domain held-out exemplars pass).
+    positive_percentile: float = 5.0
+    folds: int = 5
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
