@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from router.types import RouteChoice, RouterError, ScoringConfig
 
-__all__ = ["Router", "RouteChoice", "RouterError", "ScoringConfig", "ensure_index"]
+__all__ = ["RouteChoice", "Router", "RouterError", "ScoringConfig", "ensure_index"]
 
 
 def __getattr__(name: str):

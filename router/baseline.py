@@ -7,7 +7,7 @@ differ: sublinear word TF-IDF instead of MiniLM, and the centroid alone (the cla
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -16,8 +16,10 @@ from router.scoring import centroids
 from router.types import ScoringConfig
 
 _WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset("a an and are as at be by can do does for from how i in is it me my of on or "
-                  "that the this to was what when which who why with you your".split())
+_STOP = frozenset(["a", "an", "and", "are", "as", "at", "be", "by", "can", "do", "does", "for",
+                   "from", "how", "i", "in", "is", "it", "me", "my", "of", "on", "or", "that",
+                   "the", "this", "to", "was", "what", "when", "which", "who", "why", "with",
+                   "you", "your"])
 
 
 def _tokens(text: str) -> list[str]:
@@ -30,10 +32,12 @@ class TfidfCentroid:
         self.names = sorted(exemplars)
         texts, ids, holdable = [], [], []
         for e, name in enumerate(self.names):
-            for t in exemplars[name]:
-                texts.append(t), ids.append(e), holdable.append(True)
+            texts += list(exemplars[name])
+            holdable += [True] * len(exemplars[name])
             if descriptions and descriptions.get(name):
-                texts.append(descriptions[name]), ids.append(e), holdable.append(False)
+                texts.append(descriptions[name])
+                holdable.append(False)
+            ids += [e] * (len(texts) - len(ids))
         docs = [_tokens(t) for t in texts]
         self.vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
         df = np.zeros(len(self.vocab))

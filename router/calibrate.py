@@ -5,11 +5,13 @@ different kind of text), scores them against the rest exactly as routing does, a
   positives of e: e's held-out exemplars scored on e;
   negatives of e: the other experts' held-out exemplars scored on e.
 threshold_e = the 75th percentile of e's negatives, floored at half the median of e's positives
-(the floor only acts when domains are so far apart that negatives are noise). Held-out seed instructions are long and
-templated, so they score ~0.1 higher on their own expert than short user questions do: a low
-percentile of the positives (p5: 0.26-0.34 on the seeds) sends 12% of in-domain queries to the
-base model, while the negatives' p75 (0.23-0.27) keeps 94.5% of off-topic queries off the
-experts and routes 93.5% of in-domain queries (NOTES.md has the table of rules tried).
+(the floor only acts when domains are so far apart that negatives are noise).
+
+Held-out seed instructions are long and templated, so they score ~0.1 higher on their own expert
+than short user questions do. A low percentile of the positives (p5: 0.26-0.33 on the seeds)
+routes only 88.2% of in-domain queries to the right expert, while the negatives' p75 (0.23-0.27)
+keeps 94.5% of off-topic queries off the experts and routes 93.5% of in-domain queries
+(NOTES.md has the table of rules tried).
 """
 
 from __future__ import annotations

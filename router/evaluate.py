@@ -79,8 +79,8 @@ def format_report(m: dict) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
     lines = [
-        f"top-1 accuracy (in-domain, best-scoring expert): {pct(m['top1_accuracy'])} "
-        f"of {m['n_in_domain']}",
+        (f"top-1 accuracy (in-domain, best-scoring expert): {pct(m['top1_accuracy'])} "
+         f"of {m['n_in_domain']}"),
         f"routed accuracy (in-domain, sent to the right expert): {pct(m['routed_accuracy'])}",
         f"no-expert queries sent to the base model: {pct(m['none_recall'])} of {m['n_none']}",
         f"overall accuracy: {pct(m['overall_accuracy'])} of {m['n']}",

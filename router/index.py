@@ -20,8 +20,8 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from router.encoder import Encoder, canonical_name, load_encoder
 from router.route import Router
@@ -54,7 +54,8 @@ def read_meta(experts_dir: str | os.PathLike) -> dict | None:
 
 def fingerprint(registry: Registry) -> str:
     """What the index depends on; catches a hand-edited registry whose revision did not move."""
-    parts = [(n, e.version, e.description, e.exemplars) for n, e in sorted(registry.experts.items())]
+    parts = [(n, e.version, e.description, e.exemplars)
+             for n, e in sorted(registry.experts.items())]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -108,21 +109,29 @@ def _ensure(experts_dir: Path, encoder, rebuild: bool) -> tuple[Path, Router | N
         return folder, None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with _locked(folder):
-            meta = read_meta(experts_dir)  # another process may have just built it
-            reason = "rebuild requested" if rebuild else \
-                _stale_reason(meta, registry, folder, encoder)
-            if reason is None:
-                return folder, None
-            if encoder is None:
-                encoder = meta["encoder"]["name"] if meta and "encoder" in meta else None
-            log.info("building the router index in %s: %s", folder, reason)
-            router = _build(experts_dir, registry, encoder)
-            _save(router, folder, registry, experts_dir)
-            return folder, router
     except OSError as e:
-        raise RouterError(f"cannot write the router index in {folder} ({e}): make the experts "
-                          "dir writable, or build the index where it is") from e
+        raise _not_writable(folder, e) from e
+    with _locked(folder):
+        registry = load_registry(experts_dir)  # a publisher may have moved on meanwhile
+        meta = read_meta(experts_dir)  # another process may have just built it
+        reason = "rebuild requested" if rebuild else \
+            _stale_reason(meta, registry, folder, encoder)
+        if reason is None:
+            return folder, None
+        if encoder is None:
+            encoder = meta["encoder"]["name"] if meta and "encoder" in meta else None
+        log.info("building the router index in %s: %s", folder, reason)
+        router = _build(experts_dir, registry, encoder)
+        try:
+            _save(router, folder, registry, experts_dir)
+        except OSError as e:
+            raise _not_writable(folder, e) from e
+        return folder, router
+
+
+def _not_writable(folder: Path, e: OSError) -> RouterError:
+    return RouterError(f"cannot write the router index in {folder} ({e}): make the experts dir "
+                       "writable, or build the index once where it is")
 
 
 def _stale_reason(meta: dict | None, registry: Registry, folder: Path, encoder) -> str | None:
@@ -131,7 +140,8 @@ def _stale_reason(meta: dict | None, registry: Registry, folder: Path, encoder) 
     try:
         built_with, dim = meta["encoder"]["name"], int(meta["encoder"]["dim"])
         if meta.get("format_version") != INDEX_FORMAT:
-            return f"index format {meta.get('format_version')} (this selfspec writes {INDEX_FORMAT})"
+            return (f"index format {meta.get('format_version')} "
+                    f"(this selfspec writes {INDEX_FORMAT})")
         want = canonical_name(encoder) if isinstance(encoder, (str, type(None))) else encoder.name
         if encoder is not None and (want != built_with or
                                     (not isinstance(encoder, str) and encoder.dim != dim)):
@@ -199,7 +209,11 @@ def _info(meta: dict, experts_dir: Path) -> dict:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    with open(folder / ".lock", "a") as lock:
+    try:
+        lock = open(folder / ".lock", "a")  # noqa: SIM115 - closed below, after the unlock
+    except OSError as e:
+        raise _not_writable(folder, e) from e
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 
 class Router:
     def __init__(self, encoder: Encoder, index, names: list[str], thresholds: Sequence[float],
-                 cfg: ScoringConfig = ScoringConfig(), info: dict | None = None):
+                 cfg: ScoringConfig | None = None, info: dict | None = None):
         if not names:
             raise RouterError("a router needs at least one expert")
         if index.d != encoder.dim:
             raise RouterError(f"the index holds {index.d}-dim vectors but encoder "
                               f"{encoder.name} makes {encoder.dim}-dim ones: rebuild the index")
-        self.encoder, self.index, self.names, self.cfg = encoder, index, list(names), cfg
+        self.encoder, self.index, self.names = encoder, index, list(names)
+        self.cfg = cfg or ScoringConfig()
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         vectors, self.ids = index_contents(index)
         self.counts = np.bincount(self.ids, minlength=len(names))
@@ -45,11 +46,13 @@ class Router:
     def from_exemplars(cls, exemplars: Mapping[str, Sequence[str]],
                        encoder: Encoder | str | None = None,
                        descriptions: Mapping[str, str] | None = None,
-                       cfg: ScoringConfig = ScoringConfig(),
+                       cfg: ScoringConfig | None = None,
                        thresholds: Mapping[str, float] | None = None,
-                       index_kind: str = "auto") -> "Router":
-        """Embed, index and calibrate in memory: tests, evaluation and `index.build_index`."""
+                       kind: str = "auto") -> Router:
+        """Embed, index and calibrate in memory (router.index saves what this builds).
+        kind: "auto" (exact below vectors.HNSW_MIN_VECTORS, HNSW above), "flat" or "hnsw"."""
         encoder = load_encoder(encoder)
+        cfg = cfg or ScoringConfig()
         names = sorted(exemplars)
         if not names:
             raise RouterError("no experts to route to: run `selfspec specialize --all` first")
@@ -59,10 +62,12 @@ class Router:
             desc = (descriptions or {}).get(name, "").strip()
             if not seen and not desc:
                 raise RouterError(f"expert {name!r} has no exemplars: re-publish it")
-            for t in seen:
-                texts.append(t), ids.append(e), holdable.append(True)
+            texts += list(seen)
+            holdable += [True] * len(seen)
             if desc:  # indexed, never held out: one long paragraph, not a query-like text
-                texts.append(desc), ids.append(e), holdable.append(False)
+                texts.append(desc)
+                holdable.append(False)
+            ids += [e] * (len(texts) - len(ids))
         vectors = encoder.encode(texts)
         if vectors.shape != (len(texts), encoder.dim) or not np.isfinite(vectors).all():
             raise RouterError(f"encoder {encoder.name} returned {vectors.shape} vectors for "
@@ -79,12 +84,12 @@ class Router:
                 raise RouterError(f"thresholds given for some experts but not {missing}")
             thr = np.array([thresholds[n] for n in names])
             info["calibration"] = "given"
-        index = build_faiss_index(vectors, ids_arr, index_kind)
+        index = build_faiss_index(vectors, ids_arr, kind)
         return cls(encoder, index, names, thr, cfg, info)
 
     @classmethod
     def load(cls, experts_dir: str | os.PathLike, encoder: Encoder | str | None = None,
-             rebuild: bool = False) -> "Router":
+             rebuild: bool = False) -> Router:
         """The router for a registry: builds its index if missing or stale (see router.index)."""
         from router.index import load_router
         return load_router(experts_dir, encoder=encoder, rebuild=rebuild)

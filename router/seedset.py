@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specialize.registry import (ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow,
-                                 write_registry)
+from specialize.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 from specialize.seeds import RoutingItem, available_domains, load_domain, load_jsonl, seeds_root
 
 

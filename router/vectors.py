@@ -11,14 +11,15 @@ import numpy as np
 
 from router.types import RouterError
 
-# Exact search (IndexFlatIP) up to this many vectors, HNSW from here on. Measured by
-# `selfspec bench router` on one core (NOTES.md): single-query search with k=64, flat
-# 0.9 ms vs HNSW 0.2 ms at 16k vectors, flat ahead below ~4k; above the crossover flat grows
-# linearly while HNSW stays ~0.2 ms. Four experts x ~110 exemplars (~430) is far below it.
-HNSW_MIN_VECTORS = 8192
-HNSW_M = 32  # graph degree: recall@64 >= 0.97 on clustered exemplar-like data in the bench
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128  # must be >= k; 2x k=64 gives the bench's recall for ~0.1 ms more
+# Exact search (IndexFlatIP) below this many vectors, HNSW from here on. Measured by
+# `selfspec bench router` on one core, single query, k=64 (NOTES.md): flat vs HNSW ms were
+# 1k 0.04/0.06, 2k 0.11/0.09, 4k 0.23/0.13, 8k 0.44/0.15, 32k 1.82/0.17, HNSW recall@64
+# 0.99-0.98. The crossover is 2k-4k; from 4k HNSW is clearly ahead and flat grows linearly.
+# Four experts x ~110 exemplars (~430 vectors) stay exact, at 0.2 ms next to ~12 ms of encoding.
+HNSW_MIN_VECTORS = 4096
+HNSW_M = 32  # graph degree: recall@64 >= 0.98 up to 32k exemplar-like vectors in the bench
+HNSW_EF_CONSTRUCTION = 80  # 32k vectors build in ~3.3 s on one core
+HNSW_EF_SEARCH = 128  # must be >= k (64 above the exhaustive range); 2x k for the recall above
 
 
 def _faiss():

@@ -115,10 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "experts from one base model, served together.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     from router.cli import add_parsers as _router_parsers
+    from serve.cli import add_parsers as _serve_parsers
     sub = parser.add_subparsers(dest="command", required=True)
     _specialize_parser(sub)
     _experts_parser(sub)
     _router_parsers(sub)
+    _serve_parsers(sub)
     return parser
 
 

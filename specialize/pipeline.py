@@ -58,12 +58,12 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         raise ConfigError(f"a domain is named twice: {domains}")
     experts_dir = cfg.experts_dir
     ensure_writable(experts_dir)
-    runs = [_prepare(d, experts_dir / ".work" / d.name, cfg, resume, restart) for d in loaded]
-    for run in runs:
-        corpus = cfg.respond.corpus or run.domain.corpus_dir
-        if cfg.respond.retrieval != "none" and cfg.respond.corpus and not corpus.is_dir():
-            raise ConfigError(f"--corpus {corpus} is not a folder of Markdown files")
+    corpus = cfg.respond.corpus
+    if cfg.respond.retrieval != "none" and corpus and not any(Path(corpus).glob("*.md")):
+        raise ConfigError(f"--corpus {corpus} is not a folder of Markdown (.md) passages")
     base_path = resolve_base_model(cfg.base_model)
+    # Work dirs only now: a run that failed a check above leaves nothing to --resume.
+    runs = [_prepare(d, experts_dir / ".work" / d.name, cfg, resume, restart) for d in loaded]
 
     # --- phase 1: the base model writes instructions and answers them -------------------------
     need = [r for r in runs if not r.done("respond_filter")]
@@ -111,7 +111,20 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         summary["path"] = str(experts_dir / entry.path)
         shutil.rmtree(run.workdir, ignore_errors=True)
         results.append(summary)
+    _rebuild_router_index(experts_dir)
     return results
+
+
+def _rebuild_router_index(experts_dir: Path) -> None:
+    """Publishing changes the experts, so the router index beside the registry is rebuilt now
+    (not on the first request). The experts are already published: a failure here only warns,
+    and the router rebuilds the stale index itself when it next loads."""
+    try:
+        from router.index import ensure_index
+
+        ensure_index(experts_dir)
+    except Exception as e:  # noqa: BLE001 - any encoder/FAISS problem must not undo a publish
+        log.warning("router index not rebuilt (%s); `selfspec route` will rebuild it", e)
 
 
 def _prepare(domain: Domain, workdir: Path, cfg: SpecializeConfig, resume: bool,

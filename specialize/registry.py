@@ -35,8 +35,9 @@ from specialize.errors import ExpertNotFoundError, RegistryError
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-# Names an expert can never take: they mean something else in the serving `model` field.
-RESERVED_NAMES = frozenset({"auto", "base", "none"})
+# Names an expert can never take: they mean something else in the serving `model` field, or
+# name a folder beside the registry (the router index lives in <experts>/router/).
+RESERVED_NAMES = frozenset({"auto", "base", "none", "router"})
 
 
 def check_name(name: str) -> str:

@@ -65,7 +65,9 @@ def train_adapter(base_model_path: Path, cfg: TrainConfig, train_file: Path,
     model = get_peft_model(model, lora)
     model.train()
 
-    steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
+    micro = min(cfg.micro_batch_size, cfg.batch_size)
+    accum = math.ceil(cfg.batch_size / micro)
+    steps_per_epoch = math.ceil(len(examples) / (micro * accum))
     total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                             lr=cfg.learning_rate, weight_decay=0.0)
@@ -81,11 +83,11 @@ def train_adapter(base_model_path: Path, cfg: TrainConfig, train_file: Path,
     order: list[int] = []
     while step < total:
         loss_sum, tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            if len(order) < cfg.batch_size:
+        for _ in range(accum):
+            if len(order) < micro:
                 order += rng.sample(range(len(examples)), len(examples))
-            batch = [examples[i] for i in order[:cfg.batch_size]]
-            del order[:cfg.batch_size]
+            batch = [examples[i] for i in order[:micro]]
+            del order[:micro]
             n = max(len(e["input_ids"]) for e in batch)
             ids = torch.tensor([e["input_ids"] + [pad] * (n - len(e["input_ids"])) for e in batch])
             labels = torch.tensor([e["labels"] + [-100] * (n - len(e["labels"])) for e in batch])
@@ -93,7 +95,7 @@ def train_adapter(base_model_path: Path, cfg: TrainConfig, train_file: Path,
                                  for e in batch])
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                         labels=labels.to(device))
-            (out.loss / cfg.grad_accum).backward()
+            (out.loss / accum).backward()
             count = int((labels[:, 1:] != -100).sum())
             loss_sum += float(out.loss.detach()) * count
             tokens += count

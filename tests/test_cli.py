@@ -82,3 +82,13 @@ def test_readme_examples_use_real_flags():
         for flag in re.findall(r"(--[a-z][a-z-]*)", rest):
             assert flag in known, f"README: selfspec {cmd} {flag} does not exist"
         shlex.split(rest)
+
+
+def test_failed_check_leaves_nothing_to_resume(tmp_path, seeds, capsys):
+    experts = tmp_path / "experts"
+    args = ["specialize", "demo", "--experts-dir", str(experts)]
+    code, err = run(args + ["--base-model", "/no/such/model"], capsys)
+    assert code == 2 and "unknown base model" in err
+    code, err = run(args + ["--base-model", "/no/such/model", "--corpus", str(tmp_path)], capsys)
+    assert code == 2 and "not a folder of Markdown" in err
+    assert not (experts / ".work" / "demo").exists()

@@ -21,8 +21,15 @@ from router.scoring import decide, expert_scores
 from router.types import RouteChoice, RouterError, ScoringConfig
 from router.vectors import choose_kind, index_kind
 from specialize.cli import main
-from specialize.registry import (ExpertEntry, LoraInfo, Registry, TrainInfo, load_registry,
-                                 utcnow, write_registry)
+from specialize.registry import (
+    ExpertEntry,
+    LoraInfo,
+    Registry,
+    TrainInfo,
+    load_registry,
+    utcnow,
+    write_registry,
+)
 
 AXES = {"law": 0, "math": 1, "cook": 2}
 
@@ -184,7 +191,7 @@ def test_hnsw_index_routes_like_flat():
     assert choose_kind(100) == "flat" and choose_kind(10**6) == "hnsw"
     flat = Router.from_exemplars(two_experts(), FakeEncoder(), thresholds={"law": .5, "math": .5})
     hnsw = Router.from_exemplars(two_experts(), FakeEncoder(), thresholds={"law": .5, "math": .5},
-                                 index_kind="hnsw")
+                                 kind="hnsw")
     assert index_kind(hnsw.index) == "hnsw" and index_kind(flat.index) == "flat"
     qs = ["law one", "math two", "cook three", "law and math"]
     assert [c.expert for c in hnsw.route_batch(qs)] == [c.expert for c in flat.route_batch(qs)]
@@ -269,6 +276,17 @@ def test_corrupt_meta_is_rebuilt_and_no_experts_is_refused(tmp_path, fake_st):
     with pytest.raises(RouterError, match="no experts .*selfspec specialize --all"):
         ensure_index(empty)
     assert load_registry(empty).experts == {}
+
+
+def test_unwritable_index_folder_is_a_clear_error(tmp_path, fake_st, monkeypatch):
+    write_reg(tmp_path, two_experts())
+
+    def refuse(index, path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(index_mod, "write_index", refuse)
+    with pytest.raises(RouterError, match="cannot write the router index .*writable"):
+        load_router(tmp_path)
+    assert read_meta(tmp_path) is None
 
 
 # ------------------------------------------------------------------------- evaluation

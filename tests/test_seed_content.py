@@ -94,3 +94,18 @@ def test_check_evaluator_refuses_code():
     with pytest.raises(ValueError):
         evaluate("__import__('os').system('true')")
     assert evaluate("round(1000 * (1 + 0.05) ** 3, 2)") == 1157.63
+
+
+def test_copying_a_domain_folder_makes_a_new_domain(tmp_path):
+    """The documented way to add a domain: copy a folder, rename the domain, edit."""
+    import shutil
+
+    root = tmp_path / "seeds"
+    shutil.copytree(seeds_root() / "law", root / "tax")
+    path = root / "tax" / "seeds.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("domain: law", "domain: tax", 1),
+                    encoding="utf-8")
+    assert available_domains(root) == ["tax"]
+    tax = load_domain("tax", root)
+    assert tax.name == "tax" and len(tax.seeds) >= 60 and tax.corpus_dir is not None
+    assert load_domain(str(root / "tax")).name == "tax"  # a folder path works too
