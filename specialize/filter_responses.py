@@ -1,5 +1,5 @@
-"""Stage 4: response filtering. Drops empty answers, answers cut off by the token limit, and
-degenerate repetition loops (a small model's typical failure under greedy decoding); writes the
+"""Stage 4: response filtering. Drops empty answers, degenerate repetition loops (a small model's
+typical failure under greedy decoding) and answers cut off by the token limit; writes the
 final training set `train.jsonl` and every rejected response with its reason."""
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ def response_verdict(row: dict, cfg: ResponseFilterConfig) -> tuple[str | None, 
     text = row.get("response", "")
     if len(text.strip()) < cfg.min_chars:
         return "empty", ""
-    if cfg.drop_truncated and row.get("finish_reason") == "length":
-        return "truncated", "hit max_tokens"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines:
         line, n = Counter(lines).most_common(1)[0]
@@ -29,6 +27,9 @@ def response_verdict(row: dict, cfg: ResponseFilterConfig) -> tuple[str | None, 
         ratio = len(set(grams)) / len(grams)
         if ratio < cfg.min_distinct_ngram_ratio:
             return "repetition", f"distinct 4-gram ratio {ratio:.2f}"
+    # After the loop checks: a loop that ran into the limit is reported as the loop it is.
+    if cfg.drop_truncated and row.get("finish_reason") == "length":
+        return "truncated", "hit max_tokens"
     return None, ""
 
 
