@@ -34,6 +34,9 @@ def _specialize_parser(sub) -> None:
                    help="corpus folder for grounded answers (default: the domain's corpus/), "
                    "or 'none' for ungrounded")
     p.add_argument("--retrieval", choices=["bm25", "dense"], default="bm25")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="for answers; >1 (e.g. 1.1) curbs a small model's greedy loops "
+                   "(default %(default)s: the paper's plain greedy)")
     p.add_argument("--rounds", type=int, default=1, choices=[1, 2],
                    help="2: regenerate answers with the round-1 expert, retrain (paper's iterative variant)")
     p.add_argument("--learning-rate", type=float, default=3e-4)
@@ -60,7 +63,7 @@ def _run_specialize(args) -> int:
         engine={"seed": args.seed},
         generate={"num_instructions": args.num_instructions},
         respond={"corpus": corpus, "retrieval": "none" if args.corpus == "none"
-                 else args.retrieval},
+                 else args.retrieval, "repetition_penalty": args.repetition_penalty},
         train={"rank": args.rank, "alpha": args.alpha or 2 * args.rank, "epochs": args.epochs,
                "learning_rate": args.learning_rate, "batch_size": args.batch_size,
                "seed": args.seed},

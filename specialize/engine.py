@@ -26,6 +26,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     regex: str | None = None  # constrain the output (vLLM structured outputs)
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ class VllmGenerator:
         guided = StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
-                                seed=sampling.seed, structured_outputs=guided)
+                                seed=sampling.seed, structured_outputs=guided,
+                                repetition_penalty=sampling.repetition_penalty)
         lora = LoRARequest(adapter.name, adapter.int_id, str(adapter.path)) if adapter else None
         # Prompts longer than the context (a long seed plus passages) are cut from the left of
         # the demos rather than failing the whole batch.

@@ -62,6 +62,7 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
                                                      task, passages))
         completions = generator.complete(
             prompts, Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                              repetition_penalty=cfg.repetition_penalty,
                               stop=RESPONSE_STOP, seed=zlib.crc32(f"{stage}:{start}".encode())),
             adapter=adapter)
         append_jsonl(path, [
