@@ -32,7 +32,7 @@ test-unit: setup
 	$(BIN)/python -m pytest -q -ra -m "not integration"
 
 up: setup
-	$(BIN)/selfspec specialize --all
+	$(BIN)/selfspec up
 
 lint: setup
 	$(BIN)/ruff check specialize router serve tests

@@ -1,5 +1,6 @@
-"""Session fixtures for integration tests: one tiny random Llama and ONE vLLM engine (LoRA on),
-shared by every test that generates, so the suite pays the ~40 s engine start once."""
+"""Fixtures for integration tests: one tiny random Llama for the session, ONE vLLM engine (LoRA on)
+shared by the specialize tests, and ONE Ray Serve app shared by the serving tests, so the suite
+pays each ~40 s engine start once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def tiny_model(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # closed when its module ends: the serving tests start their own
 def engine(tiny_model):
     from specialize.engine import VllmGenerator
 
@@ -53,3 +54,47 @@ class Shared:
 @pytest.fixture
 def shared_engine(engine):
     return lambda interrupt_on_call=None: Shared(engine, interrupt_on_call)
+
+
+# --- serving (tests/integration/test_serve_integration.py) -----------------------------------
+# ONE Ray Serve app (one vLLM engine, the router, the ingress) for every serving test, over a
+# registry with two good tiny experts and one whose adapter weights are corrupt.
+SERVE_API_KEY = "sk-selfspec-test"
+
+
+@pytest.fixture(scope="session")
+def serve_experts(tmp_path_factory, tiny_model):
+    from tests.integration.tiny_experts import build_tiny_experts, publish_tiny_expert
+
+    root = tmp_path_factory.mktemp("serve")
+    experts = build_tiny_experts(root / "experts", tiny_model, root / "work")
+    bad = publish_tiny_expert(experts, tiny_model, "biomedicine", seed=7, work=root / "work")
+    (experts / bad.adapter_path / "adapter_model.safetensors").write_bytes(b"\x00corrupt" * 64)
+    return experts
+
+
+@pytest.fixture(scope="session")
+def serve_app(serve_experts):
+    """(base_url, experts_dir): the whole stack on a free port, shut down at the end."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"experts_dir": str(serve_experts), "api_key": SERVE_API_KEY,
+                             "registry_poll_s": 1.0, "engine": {"max_model_len": 1024}}),
+                  name="selfspec", route_prefix="/")
+        yield f"http://127.0.0.1:{port}", serve_experts
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

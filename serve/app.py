@@ -1,0 +1,47 @@
+"""`build_app(args) -> Application`: the one deploy entry point, used by
+
+    selfspec serve / selfspec up                         (serve/cli.py)
+    serve run deploy/local.yaml, serve deploy ...        (import_path: serve.app:build_app)
+    serve.run(build_app({...}))                          (Python, the tests)
+
+It validates `args` (serve/config.py) and binds three deployments: the engine (vLLM + every
+expert as a LoRA), the router (CPU, batched), and the HTTP ingress that calls both. Nothing
+heavy starts here: a bad argument fails in milliseconds, before any replica exists.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from serve.config import ServeConfig, build_serve_config
+from specialize.registry import load_registry
+
+log = logging.getLogger(__name__)
+
+
+def resolve_config(args: dict | ServeConfig | None = None, **overrides) -> ServeConfig:
+    """Validated config with what replicas cannot work out themselves fixed on the driver:
+    an absolute experts dir (replicas may run elsewhere) and the API key from the environment."""
+    cfg = build_serve_config(args, **overrides)
+    load_registry(cfg.experts_dir)  # an unreadable registry fails now, not in three replicas
+    return cfg.model_copy(update={"experts_dir": cfg.experts_dir.expanduser().resolve(),
+                                  "api_key": cfg.resolved_api_key()})
+
+
+def build_app(args: dict | None = None):
+    from serve.engine import EngineServer
+    from serve.ingress import IngressServer
+    from serve.router_deployment import RouterServer
+
+    cfg = resolve_config(args)
+    plain = cfg.model_dump(mode="json")
+    e, r, i = cfg.engine, cfg.router, cfg.ingress
+    engine = EngineServer.options(
+        name="engine", num_replicas=e.num_replicas, max_ongoing_requests=e.max_ongoing_requests,
+        ray_actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}).bind(plain)
+    router = RouterServer.options(
+        name="router", num_replicas=r.num_replicas, max_ongoing_requests=r.max_ongoing_requests,
+        ray_actor_options={"num_cpus": r.num_cpus}).bind(plain)
+    return IngressServer.options(
+        name="ingress", num_replicas=i.num_replicas, max_ongoing_requests=i.max_ongoing_requests,
+        ray_actor_options={"num_cpus": i.num_cpus}).bind(engine, router, plain)

@@ -1,0 +1,234 @@
+"""`selfspec serve`, `selfspec up` and `selfspec bench serving`. Parsing imports only the
+standard library; Ray, vLLM and the pipeline load inside the run functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("deploy/local.yaml")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="serve every expert behind one OpenAI-compatible endpoint",
+                       description="Ray Serve + one vLLM engine with every expert as a LoRA "
+                       "adapter + the router. model='auto' routes each request.")
+    _serve_flags(p)
+    p.set_defaults(func=run_serve)
+
+    u = sub.add_parser("up", help="first run: specialize the shipped domains missing from the "
+                       "registry (CPU-sized defaults), then serve them")
+    _serve_flags(u)
+    u.add_argument("--domains", nargs="+", metavar="DOMAIN",
+                   help="domains to have (default: every shipped domain under seeds/)")
+    u.add_argument("--base-model", default="smollm2-135m-instruct")
+    u.add_argument("--no-serve", action="store_true", help="specialize only, do not serve")
+    u.set_defaults(func=run_up)
+    _bench_parser(sub)
+
+
+def _serve_flags(p) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"a Ray Serve config (default: {DEFAULT_CONFIG} when present)")
+    p.add_argument("--experts-dir", type=Path, default=None, help="the registry (default: "
+                   "the config's, else experts/)")
+    p.add_argument("--host", default=None, help="default: the config's, else 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: the config's, else 8000")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 and /admin "
+                   "(default: $SELFSPEC_API_KEY; unset: open)")
+
+
+def _bench_parser(sub) -> None:
+    """`bench serving`: joins router/cli.py's `bench TARGET` parser when it is there."""
+    bench = sub.choices.get("bench")
+    if bench is None:
+        bench = sub.add_parser("bench", help="benchmark a component, write reports/bench_*.json")
+        bench.add_argument("target", choices=["serving"])
+        bench.add_argument("--out", type=Path, default=Path("reports"))
+        other = None
+    else:
+        for action in bench._actions:  # argparse has no public way to extend choices
+            if action.dest == "target" and action.choices is not None:
+                action.choices = [*action.choices, "serving"]
+        other = bench.get_default("func")
+    bench.add_argument("--requests", type=int, default=96, help="serving: requests per run")
+    bench.add_argument("--max-tokens", type=int, default=16, help="serving: tokens per answer")
+    bench.add_argument("--concurrency", type=int, default=32, help="serving: in flight")
+
+    def dispatch(args) -> int:
+        if args.target == "serving":
+            return run_bench_serving(args)
+        return other(args)
+
+    bench.set_defaults(func=dispatch)
+
+
+def deploy_settings(path: Path | None) -> dict:
+    """A Serve config file -> {args, name, route_prefix, host, port}, validated by Ray's schema."""
+    import yaml
+
+    from specialize.errors import ConfigError
+
+    if path is None:
+        path = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    if path is None:
+        return {"args": {}, "name": "selfspec", "route_prefix": "/", "host": None, "port": None}
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        from ray.serve.schema import ServeDeploySchema
+        schema = ServeDeploySchema.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"{path}: not a valid Ray Serve config ({e})") from None
+    apps = [a for a in schema.applications if a.import_path == "serve.app:build_app"]
+    if len(apps) != 1:
+        raise ConfigError(f"{path}: needs exactly one application with import_path "
+                          "serve.app:build_app")
+    http = schema.http_options
+    return {"args": apps[0].args or {}, "name": apps[0].name,
+            "route_prefix": apps[0].route_prefix or "/",
+            "host": getattr(http, "host", None), "port": getattr(http, "port", None)}
+
+
+def run_serve(args) -> int:
+    from serve.app import resolve_config
+
+    settings = deploy_settings(args.config)
+    cfg = resolve_config(settings["args"], experts_dir=args.experts_dir, api_key=args.api_key)
+    host = args.host or settings["host"] or "127.0.0.1"
+    port = args.port or settings["port"] or 8000
+    return serve_forever(cfg, host, port, settings["name"], settings["route_prefix"],
+                         verbose=getattr(args, "verbose", False))
+
+
+def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bool) -> int:
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from specialize.errors import SelfspecError
+    from specialize.registry import load_registry
+
+    registry = load_registry(cfg.experts_dir)
+    if not registry.experts:
+        print(f"note: no experts in {cfg.experts_dir}: serving the base model only "
+              "(run `selfspec up` to specialize the shipped domains)", file=sys.stderr)
+    print(f"starting Ray Serve + vLLM for {len(registry.experts)} expert(s) "
+          f"(about a minute on CPU) ...", file=sys.stderr)
+    # Ctrl-C and `kill` (SIGTERM) both stop the app cleanly; a shell that started us in the
+    # background leaves SIGINT ignored, so install the handler explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    ray.init(include_dashboard=False, log_to_driver=verbose, namespace="selfspec")
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(build_app(cfg.model_dump(mode="json")), name=name, route_prefix=prefix)
+        except SelfspecError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a replica failed to start: say where to look
+            print(f"selfspec: error: the server did not start ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); replica logs are in "
+                  "/tmp/ray/session_latest/logs/serve/ (rerun with -v to see them here)",
+                  file=sys.stderr)
+            return 1
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}" + \
+            prefix.rstrip("/")
+        print(ready_message(url, registry, cfg.api_key, _health(url)))
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr)
+        return 0
+    finally:
+        # A second Ctrl-C while replicas stop would leave the engine processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            serve.delete(name) if not own_ray else serve.shutdown()
+        finally:
+            ray.shutdown()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _health(url: str) -> dict:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError) as e:
+        return {"status": f"unknown ({e})", "skipped": {}}
+
+
+def ready_message(url: str, registry, api_key: str | None, health: dict) -> str:
+    experts = sorted(registry.experts)
+    question = registry.experts[experts[0]].exemplars[0] if experts else "What is a bond?"
+    question = question.replace("'", "").replace('"', "")[:120]
+    key = api_key or "none"
+    lines = [f"selfspec is serving at {url}/v1  (status: {health.get('status')})",
+             f"  models: auto, base, {', '.join(experts) or '(no experts yet)'}"]
+    for name, why in (health.get("skipped") or {}).items():
+        lines.append(f"  left out: {name}: {why.splitlines()[0]}")
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": question}],
+                       "max_tokens": 64})
+    python = (f"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); "
+              f"r = c.chat.completions.with_raw_response.create(model='auto', "
+              f"messages=[{{'role': 'user', 'content': '{question}'}}], max_tokens=64); "
+              f"print(r.headers['x-selfspec-expert'], r.parse().choices[0].message.content)")
+    curl = f"  curl -si {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\"
+    lines += ["", "try it:", curl, f"    -d '{body}'",
+              "", f'  python -c "{python}"',
+              "", "Ctrl-C stops the server."]
+    return "\n".join(lines)
+
+
+def run_up(args) -> int:
+    from serve.app import resolve_config
+    from specialize.registry import load_registry
+    from specialize.seeds import available_domains
+
+    settings = deploy_settings(args.config)
+    cfg = resolve_config(settings["args"], experts_dir=args.experts_dir, api_key=args.api_key)
+    wanted = args.domains or available_domains()
+    missing = [d for d in wanted if d not in load_registry(cfg.experts_dir).experts]
+    if missing:
+        print(f"specializing {', '.join(missing)} into {cfg.experts_dir} (first run: about "
+              f"{6 * len(missing)} minutes on 2 CPU cores; Ctrl-C and rerun continues) ...",
+              file=sys.stderr)
+        specialize_missing(missing, cfg.experts_dir, args.base_model)
+    else:
+        print(f"registry {cfg.experts_dir} already has {', '.join(wanted)}", file=sys.stderr)
+    if args.no_serve:
+        return 0
+    host = args.host or settings["host"] or "127.0.0.1"
+    port = args.port or settings["port"] or 8000
+    return serve_forever(cfg, host, port, settings["name"], settings["route_prefix"],
+                         verbose=getattr(args, "verbose", False))
+
+
+def specialize_missing(domains: list[str], experts_dir: Path, base_model: str) -> None:
+    from specialize.config import build_config
+    from specialize.pipeline import format_summary, specialize
+
+    cfg = build_config(base_model=base_model, experts_dir=experts_dir)  # the CPU defaults
+    results = specialize(domains, cfg, resume=True)  # resume: an interrupted `up` continues
+    print(format_summary(results), file=sys.stderr)
+
+
+def run_bench_serving(args) -> int:
+    from serve.bench import run_serving_bench
+
+    return run_serving_bench(args)

@@ -1,0 +1,107 @@
+"""`ServeConfig`: the typed arguments of `build_app`, the same dict that `deploy/*.yaml` carry
+under `applications[].args`. Validated in milliseconds, before Ray or vLLM is touched, so a typo
+in a YAML fails at once instead of after a ~40 s engine start.
+
+Nothing heavy is imported here: the CLI and the YAML tests import it freely.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from specialize.config import VLLM_LORA_RANKS
+from specialize.errors import ConfigError
+
+API_KEY_ENV = "SELFSPEC_API_KEY"
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineOptions(_Config):
+    """The vLLM engine deployment. LoRA limits default to what the registry needs."""
+
+    max_model_len: int = Field(2048, ge=128)
+    dtype: str = "auto"
+    # vLLM CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); 1 fits a 2-core box.
+    kv_cache_gib: int = Field(1, ge=1)
+    # vLLM CPU refuses values above 0.5 on small boxes; GPUs use 0.9 (deploy/gpu.yaml).
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
+    # None: from the registry (largest rank rounded up to vLLM's allowed values, >= 16).
+    max_lora_rank: int | None = None
+    # None: min(number of experts, 8), at least 1: adapters resident in one batch.
+    max_loras: int | None = Field(None, ge=1)
+    # None: every expert plus `hot_add_headroom`, so hot-added experts stay cached.
+    max_cpu_loras: int | None = Field(None, ge=1)
+    hot_add_headroom: int = Field(4, ge=0)
+    max_num_seqs: int = Field(64, ge=1)
+    enforce_eager: bool = False
+    seed: int = 0
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(256, ge=1)  # vLLM batches only what Serve lets through
+    # Any other AsyncEngineArgs field (e.g. tensor_parallel_size on GPUs), passed as is.
+    extra_engine_args: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ranks(self) -> EngineOptions:
+        if self.max_lora_rank is not None and self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of vLLM's "
+                             f"{list(VLLM_LORA_RANKS)}")
+        if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras {self.max_cpu_loras} < max_loras "
+                             f"{self.max_loras}: vLLM needs max_cpu_loras >= max_loras")
+        return self
+
+
+class RouterOptions(_Config):
+    """The router deployment (CPU): batches concurrent routing calls with @serve.batch."""
+
+    encoder: str | None = None  # None: the encoder the index was built with (or the default)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)  # 5 ms: < 2% of a short generation
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(256, ge=1)
+
+
+class IngressOptions(_Config):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(512, ge=1)
+    # 1 MiB holds a ~250k-token prompt, far above any context this engine serves.
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+class ServeConfig(_Config):
+    experts_dir: Path = Path("experts")
+    # None: the base model the registry's experts were trained on.
+    base_model: str | None = None
+    # Bearer token for /v1 and /admin; None: $SELFSPEC_API_KEY if set, else open.
+    api_key: str | None = None
+    # Seconds between registry checks (a stat of registry.json); 0 turns the watch off.
+    registry_poll_s: float = Field(2.0, ge=0)
+    engine: EngineOptions = EngineOptions()
+    router: RouterOptions = RouterOptions()
+    ingress: IngressOptions = IngressOptions()
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def build_serve_config(args: dict | ServeConfig | None = None, **overrides) -> ServeConfig:
+    """Validate `build_app` args (plus CLI overrides); errors become one readable ConfigError."""
+    if isinstance(args, ServeConfig):
+        args = args.model_dump()
+    merged = {**(args or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return ServeConfig.model_validate(merged)
+    except ValidationError as e:
+        msgs = [f"{'.'.join(map(str, err['loc'])) or 'args'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid serve configuration:\n  " + "\n  ".join(msgs) +
+                          "\n  (see deploy/local.yaml for every field)") from None

@@ -1,0 +1,116 @@
+"""The engine deployment: one vLLM engine holding the base model and every registered expert as
+a LoRA adapter (mixed in the same batch), kept in step with the registry.
+
+Start-up: plan the LoRA limits from the registry, start vLLM, validate each adapter
+(`specialize.validate`) and load it; a corrupt or incompatible adapter is left out, logged, and
+reported in `catalog()["skipped"]` (shown by /health and /v1/models) while the others serve.
+Hot-add: a registry watch (and `reload()`, which /admin/reload calls) loads new experts and new
+versions without a restart. `check_health` fails once the engine process has died, so Ray Serve
+replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from ray import serve
+
+from serve.adapters import adapter_dir, check_adapters, plan_engine
+from serve.clients import ERROR
+from serve.config import build_serve_config
+from serve.errors import error_body
+from serve.watch import start_watch
+from specialize.registry import ExpertEntry, load_registry
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=60,
+                  graceful_shutdown_timeout_s=10)
+class EngineServer:
+    async def __init__(self, cfg: dict, backend_factory=None):
+        self.cfg = build_serve_config(cfg)
+        self.experts_dir = Path(self.cfg.experts_dir)
+        registry = load_registry(self.experts_dir)
+        self.plan = plan_engine(self.cfg, registry)
+        if backend_factory is None:
+            from serve.vllm_backend import VllmBackend as backend_factory
+        self.backend = backend_factory(self.cfg, self.plan)
+        self.loaded: dict[str, ExpertEntry] = {}  # expert name -> the version being served
+        self.skipped: dict[str, str] = {}  # expert name -> why it is left out
+        self._skipped_as: dict[str, str] = {}  # expert name -> lora_name that failed
+        self.revision = -1
+        self._lock = asyncio.Lock()
+        await self._sync(registry)
+        log.info("engine up: base %s, experts %s, left out %s", self.plan.base_path,
+                 sorted(self.loaded), sorted(self.skipped))
+        self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload)
+
+    async def _sync(self, registry) -> None:
+        async with self._lock:
+            for name in [n for n in self.loaded if n not in registry.experts]:
+                self.backend.remove_adapter(name)  # unpublished: stop serving it
+                del self.loaded[name]
+            for name in [n for n in self.skipped if n not in registry.experts]:
+                self.skipped.pop(name), self._skipped_as.pop(name, None)
+            serving = {n: e.lora_name for n, e in self.loaded.items()}
+            todo = [n for n, e in registry.experts.items()  # new experts and new versions
+                    if serving.get(n) != e.lora_name and self._skipped_as.get(n) != e.lora_name]
+            verdicts = check_adapters(registry, self.experts_dir, self.plan, names=todo)
+            failed = dict(verdicts.skipped)
+            for name, entry in verdicts.ok.items():
+                try:
+                    await self.backend.add_adapter(entry, adapter_dir(entry, self.experts_dir))
+                except Exception as e:  # noqa: BLE001 - vLLM's loader errors are varied
+                    failed[name] = f"vLLM could not load {entry.adapter_path}: {e}"
+                    log.error("expert %s left out: %s", entry.lora_name, failed[name])
+                    continue
+                self.loaded[name] = entry
+                self.skipped.pop(name, None), self._skipped_as.pop(name, None)
+            for name, why in failed.items():
+                if name not in self.loaded:  # a bad new version keeps the old one serving
+                    self.skipped[name] = why
+                self._skipped_as[name] = registry.experts[name].lora_name
+            self.revision = registry.revision
+
+    async def reload(self) -> dict:
+        """Re-read the registry; load what is new. Idempotent and cheap when nothing changed."""
+        registry = load_registry(self.experts_dir)
+        if registry.revision != self.revision:
+            await self._sync(registry)
+        return self.catalog()
+
+    def catalog(self) -> dict:
+        experts = {name: {"lora_name": e.lora_name, "version": e.version,
+                          "description": e.description, "rank": e.lora.rank}
+                   for name, e in sorted(self.loaded.items())}
+        return {"base": {"aliases": self.plan.base_aliases, "path": str(self.plan.base_path),
+                         "max_model_len": getattr(self.backend, "max_model_len", None)},
+                "experts": experts, "skipped": dict(sorted(self.skipped.items())),
+                "revision": self.revision,
+                "lora": {"max_lora_rank": self.plan.max_lora_rank,
+                         "max_loras": self.plan.max_loras,
+                         "max_cpu_loras": self.plan.max_cpu_loras}}
+
+    async def generate(self, kind: str, request, expert: str | None):
+        if expert is not None and expert not in self.loaded:
+            await self.reload()  # published a moment ago, before this replica's watch saw it
+            if expert not in self.loaded:
+                why = self.skipped.get(expert, "not in the registry")
+                yield (ERROR, 404, error_body(f"expert {expert!r} is not served: {why}", 404,
+                                              "model"))
+                return
+        async for item in self.backend.generate(kind, request, expert):
+            yield item
+
+    async def check_health(self) -> None:
+        await self.backend.check_health()
+
+    def __del__(self):
+        if getattr(self, "_watch", None) is not None:
+            self._watch.cancel()
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.shutdown()

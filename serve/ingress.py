@@ -1,0 +1,229 @@
+"""The HTTP ingress: OpenAI's routes, API key, body limit, model selection, decision headers and
+metrics. Protocol work (rendering, sampling checks, SSE formatting) happens in the engine with
+vLLM's serving classes; this file only moves bytes and explains the decision.
+
+    POST /v1/chat/completions  POST /v1/completions  GET /v1/models
+    GET /health  GET /metrics  POST /admin/reload
+
+`build_http_app(service)` is plain FastAPI (unit tests drive it with fakes); `IngressServer` is
+the Ray Serve deployment that builds it around deployment handles.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from serve.clients import (
+    CHUNK,
+    ERROR,
+    RESPONSE,
+    USAGE,
+    EngineClient,
+    HandleEngine,
+    HandleRouter,
+    RouterClient,
+)
+from serve.config import ServeConfig, build_serve_config
+from serve.errors import AuthenticationError, PayloadTooLargeError, json_error, map_exception
+from serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
+from serve.protocol import (
+    chat_route_text,
+    completion_route_text,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
+from serve.selection import AUTO, BASE, Selector
+from specialize.errors import SelfspecError
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, engine: EngineClient, router: RouterClient, cfg: ServeConfig):
+        self.engine, self.router, self.cfg = engine, router, cfg
+        self.api_key = cfg.resolved_api_key()
+        self.selector = Selector(engine, router)
+        self.metrics = ServeMetrics()
+
+    def authorize(self, raw: Request) -> None:
+        if not self.api_key:
+            return
+        scheme, _, token = raw.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self.api_key.encode()):
+            raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer "
+                                      "<key>' with the key the server was started with "
+                                      "(--api-key or $SELFSPEC_API_KEY)")
+
+    async def read_body(self, raw: Request) -> bytes:
+        limit = self.cfg.ingress.max_body_bytes
+        declared = raw.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"request body of {declared} bytes is over the "
+                                       f"{limit}-byte limit (ingress.max_body_bytes)")
+        parts, size = [], 0
+        async for part in raw.stream():  # chunked uploads declare no length: count as we go
+            size += len(part)
+            if size > limit:
+                raise PayloadTooLargeError(f"request body is over the {limit}-byte limit "
+                                           "(ingress.max_body_bytes)")
+            parts.append(part)
+        return b"".join(parts)
+
+    async def generate(self, kind: str, raw: Request):
+        endpoint = f"/v1/{'chat/completions' if kind == 'chat' else 'completions'}"
+        t0, sel, status, streaming = time.perf_counter(), None, 200, False
+        try:
+            self.authorize(raw)
+            body = parse_json(await self.read_body(raw))
+            if kind == "chat":
+                request = parse_chat(body)
+                text = chat_route_text(request)
+            else:
+                request = parse_completion(body)
+                text = completion_route_text(request)
+            sel = await self.selector.select(request.model, text)
+            self.metrics.observe_selection(sel)
+            items = self.engine.generate(kind, request, sel.expert)
+            first = await items.__anext__()
+            if first[0] == ERROR:
+                status = first[1]
+                return JSONResponse(first[2], status_code=status, headers=sel.headers())
+            if first[0] == RESPONSE:
+                async for item in items:
+                    if item[0] == USAGE:
+                        self.metrics.observe_tokens(sel, item[1], item[2])
+                return JSONResponse(first[1], headers=sel.headers())
+            streaming = True
+            return StreamingResponse(self._sse(first, items, sel, endpoint, t0),
+                                     media_type="text/event-stream", headers=sel.headers())
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error
+            status, err = map_exception(e)
+            return JSONResponse(err, status_code=status,
+                                headers=sel.headers() if sel is not None else None)
+        finally:
+            if not streaming:
+                self.metrics.observe_request(endpoint, sel, status, time.perf_counter() - t0)
+
+    async def _sse(self, first, items, sel, endpoint: str, t0: float):
+        status, done = 200, False
+        try:
+            yield first[1]
+            async for item in items:
+                if item[0] == CHUNK:
+                    yield item[1]
+                elif item[0] == USAGE:
+                    self.metrics.observe_tokens(sel, item[1], item[2])
+            done = True
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, like vLLM
+            status, err = map_exception(e)
+            yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n"
+        finally:
+            if not done:  # client went away (or the engine failed): stop generating for it
+                if hasattr(items, "cancel"):
+                    items.cancel()
+                elif hasattr(items, "aclose"):
+                    await items.aclose()
+            self.metrics.observe_request(endpoint, sel, status, time.perf_counter() - t0)
+
+    async def models(self, raw: Request) -> dict:
+        from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
+
+        self.authorize(raw)
+        cat = await self.selector.get_catalog(fresh=True)
+        base = cat["base"]
+        cards = [ModelCard(id=AUTO, owned_by="selfspec", max_model_len=base["max_model_len"],
+                           description="the router picks the expert for each request"),
+                 ModelCard(id=BASE, owned_by="selfspec", root=base["path"],
+                           max_model_len=base["max_model_len"], aliases=base["aliases"],
+                           description="the base model, no adapter")]
+        cards += [ModelCard(id=name, owned_by="selfspec", parent=BASE, root=e["lora_name"],
+                            max_model_len=base["max_model_len"], description=e["description"],
+                            version=e["version"], lora_rank=e["rank"])
+                  for name, e in cat["experts"].items()]
+        out = ModelList(data=cards).model_dump()
+        out["skipped"] = cat["skipped"]
+        return out
+
+    async def health(self) -> JSONResponse:
+        try:
+            cat = await self.selector.get_catalog(fresh=True)
+            router = await self.router.info()
+        except Exception as e:  # noqa: BLE001 - a health check reports, never raises
+            return JSONResponse({"status": "unavailable", "error": map_exception(e)[1]["error"]},
+                                status_code=503)
+        return JSONResponse({"status": "degraded" if cat["skipped"] else "ok",
+                             "experts": list(cat["experts"]), "skipped": cat["skipped"],
+                             "registry_revision": cat["revision"], "lora": cat["lora"],
+                             "router": router, "auth": bool(self.api_key)})
+
+    async def reload(self, raw: Request) -> dict:
+        self.authorize(raw)
+        cat = await self.selector.reload()
+        router = await self.router.reload()
+        return {"registry_revision": cat["revision"], "experts": list(cat["experts"]),
+                "skipped": cat["skipped"], "router": router}
+
+
+def build_http_app(service: Service) -> FastAPI:
+    app = FastAPI(title="selfspec", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException):  # unknown route, wrong method
+        return json_error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(SelfspecError)  # our typed errors (401 on /v1/models, ...)
+    async def _ours(_: Request, exc: SelfspecError):
+        return json_error(exc)
+
+    @app.exception_handler(Exception)  # anything else: a 500 in OpenAI's format, then logged
+    async def _any(_: Request, exc: Exception):
+        return json_error(exc)
+
+    @app.post("/v1/chat/completions")
+    async def chat(raw: Request):
+        return await service.generate("chat", raw)
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await service.generate("completion", raw)
+
+    @app.get("/v1/models")
+    async def models(raw: Request):
+        return await service.models(raw)
+
+    @app.get("/health")
+    async def health():
+        return await service.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload")
+    async def reload(raw: Request):
+        return await service.reload(raw)
+
+    return app
+
+
+@serve.deployment
+@serve.ingress()
+class IngressServer:
+    def __init__(self, engine, router, cfg: dict):
+        self.service = Service(HandleEngine(engine), HandleRouter(router),
+                               build_serve_config(cfg))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_http_app(self.service)
+

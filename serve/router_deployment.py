@@ -1,0 +1,82 @@
+"""The router deployment (CPU): concurrent `route(text)` calls are gathered by Serve's
+`@serve.batch` into one `Router.route_batch` call (one encoder forward for the batch), then
+answered one by one. Reloads its index when the registry changes (watch or `reload()`).
+
+With no experts yet, every query goes to the base model: "no expert" is a value, not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from ray import serve
+
+from router.types import RouteChoice, RouterError
+from serve.config import build_serve_config
+from serve.watch import start_watch
+from specialize.registry import load_registry
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment
+class RouterServer:
+    async def __init__(self, cfg: dict, router_factory=None):
+        self.cfg = build_serve_config(cfg)
+        self.experts_dir = Path(self.cfg.experts_dir)
+        self._factory = router_factory or self._load_router
+        self.route.set_max_batch_size(self.cfg.router.max_batch_size)
+        self.route.set_batch_wait_timeout_s(self.cfg.router.batch_wait_timeout_s)
+        self.router, self.revision = None, -1
+        self.stats = {"calls": 0, "batches": 0, "max_batch": 0}
+        await self.reload()
+        self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload)
+
+    def _load_router(self, experts_dir: Path):
+        from router.route import Router
+        return Router.load(experts_dir, encoder=self.cfg.router.encoder)
+
+    async def reload(self) -> dict:
+        registry = load_registry(self.experts_dir)
+        if registry.revision != self.revision:
+            # Build aside, then swap: routing keeps using the old index meanwhile.
+            router = await asyncio.to_thread(self._factory, self.experts_dir) \
+                if registry.experts else None
+            self.router, self.revision = router, registry.revision
+            log.info("router at registry revision %d: %s", self.revision,
+                     router.describe() if router else "no experts")
+        return self.info()
+
+    def info(self) -> dict:
+        return {"revision": self.revision, "experts": list(self.router.names) if self.router
+                else [], **self.stats}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def route(self, texts: list[str]) -> list[RouteChoice]:
+        self.stats["calls"] += len(texts)
+        self.stats["batches"] += 1
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(texts))
+        # Off the event loop: the encoder is CPU work and new requests keep arriving.
+        return await asyncio.to_thread(self._route_batch, self.router, list(texts))
+
+    @staticmethod
+    def _route_batch(router, texts: list[str]) -> list[RouteChoice]:
+        if router is None:
+            return [RouteChoice(None, 0.0, {}, None, "no experts in the registry: base model")
+                    for _ in texts]
+        t0 = time.perf_counter()
+        try:
+            out = router.route_batch(texts)
+        except RouterError:
+            # One bad query must not fail its batch-mates: route them one by one.
+            out = []
+            for t in texts:
+                try:
+                    out.append(router.route(t))
+                except RouterError as e:
+                    out.append(RouteChoice(None, 0.0, {}, None, f"unroutable query: {e}"))
+        log.debug("routed %d queries in %.1f ms", len(texts), 1e3 * (time.perf_counter() - t0))
+        return out

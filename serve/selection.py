@@ -1,0 +1,109 @@
+"""Model selection: the request's `model` field -> which expert (or the base model) answers.
+
+    "auto"                          the router decides (an expert, or the base model)
+    "<expert>" or "<expert>@v<N>"   that expert (forced)
+    "base", the base model's id     no adapter
+    anything else                   404 listing what exists
+
+The ingress keeps the engine's catalog (what it actually serves) and refreshes it when a name is
+unknown, so an expert hot-added a moment ago is found without waiting for a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from serve.clients import EngineClient, RouterClient
+from serve.errors import InvalidRequestError, UnknownModelError
+
+AUTO, BASE = "auto", "base"
+CATALOG_TTL_S = 5.0
+
+
+@dataclass(frozen=True)
+class Selection:
+    expert: str | None  # None: the base model
+    mode: str  # "routed" | "forced" | "base"
+    score: float | None = None  # the router's score (routed only)
+    reason: str = ""
+    route_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.expert or BASE
+
+    def headers(self) -> dict[str, str]:
+        h = {"x-selfspec-expert": self.name, "x-selfspec-selection": self.mode}
+        if self.score is not None:
+            h["x-selfspec-route-score"] = f"{self.score:.4f}"
+        if self.reason:
+            # Header values must be latin-1; reasons are ours (ASCII), keep them short.
+            h["x-selfspec-route-reason"] = self.reason.encode("ascii", "replace").decode()[:200]
+        return h
+
+
+class Selector:
+    def __init__(self, engine: EngineClient, router: RouterClient):
+        self.engine, self.router = engine, router
+        self.catalog: dict | None = None
+        self.fetched = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get_catalog(self, fresh: bool = False) -> dict:
+        if fresh or self.catalog is None or time.monotonic() - self.fetched > CATALOG_TTL_S:
+            asked = time.monotonic()
+            async with self._lock:
+                if self.fetched < asked or self.catalog is None:  # else: fetched while we waited
+                    self.catalog = await self.engine.catalog()
+                    self.fetched = time.monotonic()
+        return self.catalog
+
+    async def reload(self) -> dict:
+        catalog = await self.engine.reload()
+        self.catalog, self.fetched = catalog, time.monotonic()
+        return catalog
+
+    async def select(self, model: str, text: str | None) -> Selection:
+        if model == AUTO:
+            return await self._route(text)
+        for fresh in (False, True):
+            catalog = await self.get_catalog(fresh)
+            if model in catalog["experts"]:
+                return Selection(model, "forced")
+            by_version = {e["lora_name"]: n for n, e in catalog["experts"].items()}
+            if model in by_version:
+                return Selection(by_version[model], "forced")
+            if model in catalog["base"]["aliases"]:
+                return Selection(None, "base")
+        known = [AUTO, BASE, *catalog["experts"]]
+        why = ""
+        if model in catalog["skipped"]:
+            why = f" (expert {model!r} is left out: {catalog['skipped'][model]})"
+        raise UnknownModelError(f"the model {model!r} does not exist{why}; available models: "
+                                f"{', '.join(known)} (GET /v1/models lists them)", param="model")
+
+    async def _route(self, text: str | None) -> Selection:
+        if text is None:
+            return Selection(None, "routed", None, "token-id prompt: the router reads text; "
+                             "send text or name an expert")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"the text to route is not valid Unicode ({e.reason}); "
+                                      "send UTF-8 text", param="messages") from None
+        t0 = time.perf_counter()
+        choice = await self.router.route(text)
+        took = time.perf_counter() - t0
+        if choice.expert is None:
+            return Selection(None, "routed", choice.score, choice.reason, took)
+        catalog = await self.get_catalog()
+        if choice.expert not in catalog["experts"]:
+            catalog = await self.get_catalog(fresh=True)
+        if choice.expert not in catalog["experts"]:
+            why = catalog["skipped"].get(choice.expert, "not loaded by the engine")
+            return Selection(None, "routed", choice.score,
+                             f"router chose {choice.expert}, which is not served ({why[:80]}): "
+                             "base model", took)
+        return Selection(choice.expert, "routed", choice.score, choice.reason, took)

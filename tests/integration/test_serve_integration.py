@@ -1,0 +1,277 @@
+"""The serving stack for real: Ray Serve, one vLLM CPU engine on the tiny random Llama with two
+tiny published experts (and one corrupt one), the real router, and the official `openai` client.
+All tests share one app (conftest `serve_app`); the order matters only at the end (hot-add
+changes the registry, the crash test restarts the engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.conftest import SERVE_API_KEY
+
+pytestmark = pytest.mark.integration
+
+
+def queries(domain: str, n: int) -> list[str]:
+    lines = (REPO / "seeds" / domain / "routing.jsonl").read_text().splitlines()
+    return [json.loads(line)["query"] for line in lines if line.strip()][:n]
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    url, _ = serve_app
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=SERVE_API_KEY, max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local_router(serve_app):
+    """The same index the router deployment built, loaded here to predict its choices."""
+    from router.route import Router
+    return Router.load(serve_app[1])
+
+
+def chat(text, model="auto", **kw):
+    return dict(model=model, messages=[{"role": "user", "content": text}], max_tokens=6,
+                temperature=0, **kw)
+
+
+def test_auto_routes_with_decision_headers(client, local_router):
+    for q in queries("finance", 2) + queries("law", 2):
+        raw = client.chat.completions.with_raw_response.create(**chat(q))
+        r = raw.parse()
+        want = local_router.route(q)
+        assert raw.headers["x-selfspec-expert"] == (want.expert or "base") == r.model
+        assert raw.headers["x-selfspec-selection"] == "routed"
+        assert abs(float(raw.headers["x-selfspec-route-score"]) - want.score) < 1e-3
+        assert r.choices[0].message.content and r.usage.completion_tokens >= 1
+
+
+def test_forced_expert_and_base_change_the_output(client):
+    q = "Explain what a bond coupon is."
+    outs = {}
+    for model in ("finance", "law", "base"):
+        raw = client.chat.completions.with_raw_response.create(**chat(q, model=model))
+        assert raw.headers["x-selfspec-expert"] == model == raw.parse().model
+        assert raw.headers["x-selfspec-selection"] == ("base" if model == "base" else "forced")
+        outs[model] = raw.parse().choices[0].message.content
+    assert len(set(outs.values())) == 3, outs  # each adapter really changes the answer
+    again = client.chat.completions.create(**chat(q, model="finance@v1"))
+    assert again.model == "finance" and again.choices[0].message.content == outs["finance"]
+
+
+def test_completions_logprobs_echo_like_lm_eval(client):
+    # lm-evaluation-harness local-completions, loglikelihood: echo + logprobs + 1 token, batched
+    # prompts, several requests in flight over different adapters (one engine batch).
+    from concurrent.futures import ThreadPoolExecutor
+
+    def score(model):
+        return client.completions.create(
+            model=model, prompt=["The court held that", "A bond pays a fixed coupon"],
+            max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(score, ["law", "finance", "base"] * 2))
+    for r, model in zip(results, ["law", "finance", "base"] * 2):
+        assert r.model == model and len(r.choices) == 2
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text.startswith("The court held that")
+        assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert results[0].choices[0].logprobs.token_logprobs == \
+        results[3].choices[0].logprobs.token_logprobs  # same adapter, same numbers
+    assert results[0].choices[0].logprobs.token_logprobs != \
+        results[1].choices[0].logprobs.token_logprobs  # another adapter, other numbers
+
+
+def test_streaming_carries_headers_and_expert(client):
+    q = queries("law", 1)[0]
+    with client.chat.completions.with_streaming_response.create(**chat(q, stream=True)) as s:
+        expert = s.headers["x-selfspec-expert"]
+        assert "x-selfspec-route-score" in s.headers
+        chunks = list(s.parse())
+    assert expert == "law" and {c.model for c in chunks} == {"law"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert all(c.usage is None for c in chunks)  # the usage chunk we asked for is not leaked
+    with client.completions.with_streaming_response.create(
+            model="finance", prompt="A bond", max_tokens=4, stream=True,
+            stream_options={"include_usage": True}) as s:
+        assert s.headers["x-selfspec-expert"] == "finance"
+        chunks = list(s.parse())
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_unknown_model_lists_what_exists(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(**chat("hi", model="gpt-4o"))
+    assert "auto, base, finance, law" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(**chat("hi", model="biomedicine"))
+    assert "left out" in e.value.body["message"]
+
+
+def test_api_key_is_required_on_v1(serve_app, client):
+    url, _ = serve_app
+    bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(**chat("hi", model="base"))
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.post(f"{url}/admin/reload").status_code == 401
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_models_and_health_report_the_corrupt_adapter(serve_app, client):
+    url, _ = serve_app
+    models = {m.id: m.model_dump() for m in client.models.list().data}
+    assert list(models)[:2] == ["auto", "base"] and {"finance", "law"} <= set(models)
+    assert "biomedicine" not in models
+    from specialize.seeds import load_domain
+    assert models["finance"]["description"] == load_domain("finance").description
+    h = httpx.get(f"{url}/health").json()
+    assert h["status"] == "degraded" and set(h["experts"]) >= {"finance", "law"}
+    assert "could not load" in h["skipped"]["biomedicine"]
+
+
+BAD = [
+    b"{oops", b"[]", b"null", json.dumps({"model": "auto"}).encode(),
+    json.dumps({"model": "auto", "messages": []}).encode(),
+    json.dumps({"model": "auto", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+    json.dumps({"model": "auto", "messages": [{"role": "user"}]}).encode(),
+    json.dumps({"model": "auto", "messages": [{"role": "user", "content": 5}]}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(),
+    json.dumps(chat("x") | {"max_tokens": -5}).encode(),
+    json.dumps(chat("x") | {"max_tokens": 10**9}).encode(),
+    json.dumps(chat("x") | {"max_tokens": "ten"}).encode(),
+    json.dumps(chat("x") | {"temperature": -1}).encode(),
+    json.dumps(chat("x") | {"top_p": 7}).encode(),
+    json.dumps(chat("x") | {"n": 0}).encode(),
+    json.dumps(chat("x") | {"logprobs": True, "top_logprobs": 10**6}).encode(),
+    json.dumps(chat("x") | {"functions": []}).encode(),
+    json.dumps(chat("word " * 3000, model="law")).encode(),  # longer than the 1024 context
+]
+BAD_COMPLETIONS = [
+    json.dumps({"model": "law", "prompt": "x", "max_tokens": 0}).encode(),
+    json.dumps({"model": "law", "prompt": "x", "logprobs": 99}).encode(),
+    json.dumps({"model": "law", "prompt": [1, 2, 10**9]}).encode(),
+    json.dumps({"model": "law", "prompt": "x", "echo": "loud"}).encode(),
+]
+
+
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(serve_app, client):
+    url, _ = serve_app
+    auth = {"Authorization": f"Bearer {SERVE_API_KEY}", "Content-Type": "application/json"}
+    cases = [("chat/completions", b) for b in BAD] + [("completions", b) for b in BAD_COMPLETIONS]
+    assert len(cases) >= 20
+    with httpx.Client(timeout=60) as h:
+        for path, body in cases:
+            r = h.post(f"{url}/v1/{path}", content=body, headers=auth)
+            assert 400 <= r.status_code < 500, (body[:80], r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert err["message"] and err["code"] == r.status_code, err
+        ok = client.chat.completions.create(**chat("what is a tort?", model="law"))
+        assert ok.model == "law"
+
+
+def test_64_concurrent_mixed_requests_answered_by_the_chosen_expert(serve_app, local_router):
+    url, _ = serve_app
+    texts = [q for pair in zip(queries("finance", 32), queries("law", 32)) for q in pair]
+    want = [c.expert or "base" for c in local_router.route_batch(texts)]
+    assert {"finance", "law"} <= set(want)
+    aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=SERVE_API_KEY, max_retries=0,
+                                 timeout=300)
+
+    async def one(text, i):
+        kind = i % 3  # chat, streaming chat and completions, all mixed in one engine batch
+        if kind == 2:
+            raw = await aclient.completions.with_raw_response.create(
+                model="auto", prompt=text, max_tokens=8, temperature=0)
+            parsed = raw.parse()
+            parsed = await parsed if inspect.isawaitable(parsed) else parsed
+            return raw.headers["x-selfspec-expert"], parsed.model
+        raw = await aclient.chat.completions.with_raw_response.create(
+            **chat(text, stream=kind == 1) | {"max_tokens": 8})
+        parsed = raw.parse()
+        parsed = await parsed if inspect.isawaitable(parsed) else parsed
+        if kind == 1:
+            models = {c.model async for c in parsed}
+            return raw.headers["x-selfspec-expert"], models.pop()
+        return raw.headers["x-selfspec-expert"], parsed.model
+
+    async def run():
+        try:
+            return await asyncio.gather(*(one(t, i) for i, t in enumerate(texts)))
+        finally:
+            await aclient.close()
+
+    got = asyncio.run(run())
+    assert [h for h, _ in got] == want
+    assert [m for _, m in got] == want
+    h = httpx.get(f"{url}/health").json()
+    assert h["router"]["max_batch"] > 1  # Serve's batching gathered concurrent routing calls
+
+
+def test_metrics_count_per_expert(serve_app):
+    url, _ = serve_app
+    m = httpx.get(f"{url}/metrics").text
+    assert 'expert="finance",selection="routed",status="200"' in m
+    assert 'expert="law",selection="forced",status="200"' in m
+    assert 'selfspec_route_score_count{expert="law"}' in m
+    assert 'selfspec_tokens_total{expert="finance",kind="completion"}' in m
+    assert "selfspec_routing_seconds_bucket" in m
+
+
+def test_hot_add_without_restart(serve_app, client, tiny_model, tmp_path):
+    from tests.integration.tiny_experts import publish_tiny_expert
+
+    url, experts = serve_app
+    publish_tiny_expert(experts, tiny_model, "math", seed=11, work=tmp_path)
+    deadline = time.time() + 60  # the registry watch polls every second
+    while time.time() < deadline:
+        if "math" in httpx.get(f"{url}/health").json()["experts"]:
+            break
+        time.sleep(1)
+    r = httpx.post(f"{url}/admin/reload",
+                   headers={"Authorization": f"Bearer {SERVE_API_KEY}"}).json()
+    assert "math" in r["experts"] and "math" in r["router"]["experts"]
+    assert client.chat.completions.create(**chat("2+2?", model="math")).model == "math"
+    q = "solve 4x + 7 = 31 show steps"
+    raw = client.chat.completions.with_raw_response.create(**chat(q))
+    assert raw.headers["x-selfspec-expert"] == "math" == raw.parse().model
+
+
+def test_crashed_engine_is_restarted_and_serves_again(client):
+    import psutil
+
+    # Only the engine under this test's engine replica: the specialize tests' session engine
+    # (a child of this process too) and other users' engines must survive.
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if "ServeReplica:selfspec:engine" in " ".join(p.info["cmdline"] or [])
+                and _in_this_session(p)]
+    ours = [c for r in replicas for c in r.children(recursive=True)
+            if "EngineCor" in c.name() or "EngineCore" in " ".join(c.cmdline())]
+    assert ours, "no vLLM engine process under this test's engine replica"
+    for p in ours:
+        p.kill()  # the engine core dies; the replica's health check fails; Serve replaces it
+    deadline, answer = time.time() + 300, None
+    while time.time() < deadline:
+        try:
+            answer = client.chat.completions.create(**chat("what is a tort?", model="law"))
+            break
+        except (openai.APIStatusError, openai.APIConnectionError):
+            time.sleep(3)
+    assert answer is not None and answer.model == "law"
+
+
+def _in_this_session(proc) -> bool:
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return any(parent.pid == raylet for parent in proc.parents())
