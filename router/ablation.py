@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from router.encoder import MemoEncoder
 from router.evaluate import evaluate
 from router.types import ScoringConfig
 
@@ -30,22 +31,11 @@ SETTINGS = [
 ]
 
 
-class _Memo:
-    def __init__(self, inner):
-        self.inner, self.name, self.dim, self.memo = inner, inner.name, inner.dim, {}
-
-    def encode(self, texts):
-        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
-        if todo:
-            self.memo.update(zip(todo, self.inner.encode(todo)))
-        return np.stack([self.memo[t] for t in texts])
-
-
 def ablation(exemplars: dict, descriptions: dict, encoder, query_vectors: np.ndarray,
              domains: list[str]) -> list[dict]:
     from router.route import Router
 
-    memo = _Memo(encoder)
+    memo = MemoEncoder(encoder)
     rows = []
     for label, changes in SETTINGS:
         cfg = replace(ScoringConfig(), **changes)

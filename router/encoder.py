@@ -130,3 +130,18 @@ def load_encoder(spec: str | Encoder | None) -> Encoder:
                               "a folder, or an object with those")
         return spec
     return SentenceTransformerEncoder(spec)
+
+
+class MemoEncoder:
+    """Wraps an encoder and remembers vectors by text: repeated index builds over the same
+    exemplars (ablations, tests) embed each text once."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.dim, self.memo = inner, inner.name, inner.dim, {}
+
+    def encode(self, texts):
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if todo:
+            self.memo.update(zip(todo, self.inner.encode(todo)))
+        return np.stack([self.memo[t] for t in texts]) if texts else \
+            np.zeros((0, self.dim), np.float32)

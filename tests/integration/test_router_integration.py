@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from router.encoder import DEFAULT_ENCODER, SentenceTransformerEncoder
+from router.encoder import DEFAULT_ENCODER, MemoEncoder, SentenceTransformerEncoder
 from router.evaluate import evaluate
 from router.index import ensure_index, load_router, read_meta
 from router.seedset import load_routing, routing_files, write_seed_registry
@@ -21,21 +21,6 @@ from specialize.cli import main
 from specialize.registry import load_registry
 
 pytestmark = pytest.mark.integration
-
-
-class MemoEncoder:
-    """The real encoder, remembering vectors by text: index rebuilds in this module re-embed
-    the same seeds, and the machine's time is better spent elsewhere."""
-
-    def __init__(self, inner):
-        self.inner, self.name, self.dim, self.memo = inner, inner.name, inner.dim, {}
-
-    def encode(self, texts):
-        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
-        if todo:
-            self.memo.update(zip(todo, self.inner.encode(todo)))
-        return np.stack([self.memo[t] for t in texts]) if texts else \
-            np.zeros((0, self.dim), np.float32)
 
 
 @pytest.fixture(scope="module")
