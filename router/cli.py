@@ -32,13 +32,16 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_route)
 
     b = sub.add_parser("bench", help="benchmark a component and write reports/bench_*.json")
-    b.add_argument("target", choices=["router"])
+    b.add_argument("target", choices=["router", "serving", "all"])
     b.add_argument("--out", type=Path, default=Path("reports"))
     b.add_argument("--experts-dir", type=Path, default=Path("experts"),
                    help="registry to bench (default experts/; the shipped seeds if it is empty)")
     b.add_argument("--encoder", default=None)
     b.add_argument("--sizes", default="1000,2000,4000,8000,16000,32000",
                    help="exemplar counts for the exact-vs-HNSW crossover (comma-separated)")
+    b.add_argument("--requests", type=int, default=96, help="serving: requests per run")
+    b.add_argument("--max-tokens", type=int, default=16, help="serving: tokens per answer")
+    b.add_argument("--concurrency", type=int, default=32, help="serving: in flight")
     b.set_defaults(func=run_bench)
 
 
@@ -159,6 +162,18 @@ def _run_eval(args) -> int:
 
 
 def run_bench(args) -> int:
+    """`bench router|serving|all`: each writes its own reports/bench_<target>.json."""
+    code = 0
+    if args.target in ("router", "all"):
+        code = _bench_router(args)
+    if args.target in ("serving", "all") and code == 0:
+        from serve.cli import run_bench_serving  # lazily: Ray/vLLM only for this target
+
+        code = run_bench_serving(args)
+    return code
+
+
+def _bench_router(args) -> int:
     from router.bench import bench_router, format_bench
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]

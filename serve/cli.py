@@ -28,7 +28,6 @@ def add_parsers(sub) -> None:
     u.add_argument("--base-model", default="smollm2-135m-instruct")
     u.add_argument("--no-serve", action="store_true", help="specialize only, do not serve")
     u.set_defaults(func=run_up)
-    _bench_parser(sub)
 
 
 def _serve_flags(p) -> None:
@@ -41,31 +40,6 @@ def _serve_flags(p) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 and /admin "
                    "(default: $SELFSPEC_API_KEY; unset: open)")
-
-
-def _bench_parser(sub) -> None:
-    """`bench serving`: joins router/cli.py's `bench TARGET` parser when it is there."""
-    bench = sub.choices.get("bench")
-    if bench is None:
-        bench = sub.add_parser("bench", help="benchmark a component, write reports/bench_*.json")
-        bench.add_argument("target", choices=["serving"])
-        bench.add_argument("--out", type=Path, default=Path("reports"))
-        other = None
-    else:
-        for action in bench._actions:  # argparse has no public way to extend choices
-            if action.dest == "target" and action.choices is not None:
-                action.choices = [*action.choices, "serving"]
-        other = bench.get_default("func")
-    bench.add_argument("--requests", type=int, default=96, help="serving: requests per run")
-    bench.add_argument("--max-tokens", type=int, default=16, help="serving: tokens per answer")
-    bench.add_argument("--concurrency", type=int, default=32, help="serving: in flight")
-
-    def dispatch(args) -> int:
-        if args.target == "serving":
-            return run_bench_serving(args)
-        return other(args)
-
-    bench.set_defaults(func=dispatch)
 
 
 def deploy_settings(path: Path | None) -> dict:

@@ -79,14 +79,26 @@ def test_bad_args_fail_fast_with_the_field_named(args, needle):
     assert needle in str(e.value) and time.perf_counter() - t0 < 1.0
 
 
+def _serve_apps() -> set[str]:
+    from ray import serve
+
+    return set(serve.status().applications)
+
+
 def test_build_app_binds_three_deployments_without_starting_anything(tmp_path, monkeypatch):
     import ray
 
     from serve.app import build_app
 
     monkeypatch.setenv("SELFSPEC_API_KEY", "k1")
+    # The integration tests' Serve app may already be up in this session: building must neither
+    # start Ray nor touch a running Serve instance.
+    ray_was_up = ray.is_initialized()
+    apps_before = _serve_apps() if ray_was_up else None
     app = build_app({"experts_dir": str(tmp_path / "experts")})
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_up
+    if ray_was_up:
+        assert _serve_apps() == apps_before
     ingress = app._bound_deployment
     assert ingress.name == "ingress"
     engine, router, cfg = ingress.init_args
