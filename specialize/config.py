@@ -9,14 +9,24 @@ writes the resolved config it ran with beside its outputs. Defaults are sized so
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from specialize.errors import ConfigError
 
 # vLLM's LoRA loader accepts only these ranks (vllm/config/lora.py, `max_lora_rank` choices).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _servable(rank: int) -> int:
+    if rank not in VLLM_LORA_RANKS:
+        raise ValueError(f"rank {rank} is not one vLLM can serve; use one of "
+                         f"{list(VLLM_LORA_RANKS)}")
+    return rank
+
+
+ServableRank = Annotated[int, AfterValidator(_servable)]
 
 
 class _Config(BaseModel):
@@ -95,7 +105,7 @@ class ResponseFilterConfig(_Config):
 class TrainConfig(_Config):
     """Stage 5: LoRA on all linear layers, loss on the completion only."""
 
-    rank: int = 8  # Self-MoE r=8; also under vLLM's default max_lora_rank of 16
+    rank: ServableRank = 8  # Self-MoE r=8; also under vLLM's default max_lora_rank of 16
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
@@ -110,25 +120,11 @@ class TrainConfig(_Config):
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores")
 
-    @model_validator(mode="after")
-    def _rank(self) -> "TrainConfig":
-        if self.rank not in VLLM_LORA_RANKS:
-            raise ValueError(f"rank {self.rank} is not one vLLM can serve; use one of "
-                             f"{list(VLLM_LORA_RANKS)}")
-        return self
-
 
 class ValidateConfig(_Config):
     """Stage 6: reject adapters that the serving engine would refuse."""
 
-    max_lora_rank: int = 16  # vLLM's default max_lora_rank
-
-    @model_validator(mode="after")
-    def _allowed(self) -> "ValidateConfig":
-        if self.max_lora_rank not in VLLM_LORA_RANKS:
-            raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of "
-                             f"{list(VLLM_LORA_RANKS)}")
-        return self
+    max_lora_rank: ServableRank = 16  # vLLM's default max_lora_rank
 
 
 class SpecializeConfig(_Config):
@@ -148,7 +144,7 @@ class SpecializeConfig(_Config):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     @model_validator(mode="after")
-    def _cross(self) -> "SpecializeConfig":
+    def _cross(self) -> SpecializeConfig:
         if self.train.rank > self.validate_.max_lora_rank:
             raise ValueError(
                 f"rank {self.train.rank} > max_lora_rank {self.validate_.max_lora_rank}: pass "

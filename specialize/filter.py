@@ -20,7 +20,7 @@ from specialize.rouge import RougeIndex, tokenize
 from specialize.seeds import Domain
 
 # Template residue a model writes instead of a real input.
-_PLACEHOLDER = re.compile(r"<[^>]{0,30}>|\[(insert|your|add|enter)[^\]]*\]|\{[a-z_ ]+\}", re.I)
+_PLACEHOLDER = re.compile(r"<[^>]{0,30}>|\[(insert|your|add|enter)[^\]]*\]|\{[a-z_ ]+\}", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class InstructionFilter:
         self.pool_texts = [f"seed: {s.instruction}" for s in seeds]
         self.eval_ngrams = {g for t in eval_texts for g in _ngrams(tokenize(t),
                                                                  cfg.contamination_ngram)}
-        self.blacklist = [(w, re.compile(rf"\b{re.escape(w)}\b", re.I)) for w in cfg.blacklist]
+        self.blacklist = [(w, re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE)) for w in cfg.blacklist]
         self.kept = 0
 
     def check(self, task: Task) -> Verdict:

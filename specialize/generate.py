@@ -20,8 +20,12 @@ from specialize.config import GenerateConfig
 from specialize.engine import Generator, Sampling
 from specialize.filter import InstructionFilter
 from specialize.jsonl import append_jsonl, resume_jsonl, write_json
-from specialize.prompts import (Task, build_instruction_prompt, instruction_list_regex,
-                                parse_instruction_list)
+from specialize.prompts import (
+    Task,
+    build_instruction_prompt,
+    instruction_list_regex,
+    parse_instruction_list,
+)
 from specialize.seeds import Domain
 
 

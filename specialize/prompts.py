@@ -61,9 +61,9 @@ def instruction_list_regex(first: int, max_items: int) -> str:
     return rf" {line}{first}\. {inp}{tail}"
 
 
-_ITEM_START = re.compile(r"^\s*(?:\*\*)?\s*(\d{1,3})\s*[.):]\s*", re.M)
+_ITEM_START = re.compile(r"^\s*(?:\*\*)?\s*(\d{1,3})\s*[.):]\s*", re.MULTILINE)
 _FIELD = re.compile(r"^(?:\*\*)?\s*(instruction|input|output|response|answer)\s*(?:\*\*)?\s*:\s*",
-                    re.I)
+                    re.IGNORECASE)
 _NO_INPUT = {"<noinput>", "noinput", "none", "n/a", "no input", "<no input>", "-", ""}
 
 

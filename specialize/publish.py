@@ -19,8 +19,15 @@ from pathlib import Path
 
 from specialize.errors import RegistryError
 from specialize.jsonl import read_jsonl, write_json
-from specialize.registry import (ExpertEntry, LoraInfo, TrainInfo, load_registry, locked,
-                                 utcnow, write_registry)
+from specialize.registry import (
+    ExpertEntry,
+    LoraInfo,
+    TrainInfo,
+    load_registry,
+    locked,
+    utcnow,
+    write_registry,
+)
 from specialize.seeds import Domain
 
 # Work-dir file -> name inside the published data/ folder.

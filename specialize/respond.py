@@ -19,8 +19,13 @@ from tqdm import tqdm
 from specialize.config import RespondConfig
 from specialize.engine import Adapter, Generator, Sampling
 from specialize.jsonl import append_jsonl, read_jsonl, resume_jsonl, write_json
-from specialize.prompts import (RESPONSE_STOP, Task, build_response_prompt, clean_response,
-                                user_message)
+from specialize.prompts import (
+    RESPONSE_STOP,
+    Task,
+    build_response_prompt,
+    clean_response,
+    user_message,
+)
 from specialize.retrieve import Retriever
 from specialize.seeds import Domain
 

@@ -7,9 +7,8 @@ an exact FAISS inner-product index). The corpus is Markdown files, cut into pass
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import numpy as np
 

@@ -13,9 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from specialize.errors import SeedError, UnknownDomainError
+from specialize.errors import RegistryError, SeedError, UnknownDomainError
 from specialize.registry import check_name
-from specialize.errors import RegistryError
 
 MIN_SEEDS = 8  # fewer cannot fill distinct few-shot prompts (3 for instructions, 5 for responses)
 TASK_TYPES = ("qa", "yes_no", "multiple_choice", "classification", "extraction",
@@ -46,7 +45,7 @@ class SeedFile(BaseModel):
             raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
-    def _enough(self) -> "SeedFile":
+    def _enough(self) -> SeedFile:
         if len(self.seeds) < MIN_SEEDS:
             raise ValueError(f"has {len(self.seeds)} seeds; at least {MIN_SEEDS} are needed "
                              "(the paper used 80-90): add more seed tasks")
@@ -66,7 +65,7 @@ class EvalItem(BaseModel):
     check: str | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "EvalItem":
+    def _consistent(self) -> EvalItem:
         if self.type == "multiple_choice":
             if not self.options or len(self.options) < 2:
                 raise ValueError("multiple_choice needs 'options' (2 or more)")

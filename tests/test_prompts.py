@@ -1,5 +1,10 @@
-from specialize.prompts import (Task, build_instruction_prompt, build_response_prompt,
-                                clean_response, parse_instruction_list)
+from specialize.prompts import (
+    Task,
+    build_instruction_prompt,
+    build_response_prompt,
+    clean_response,
+    parse_instruction_list,
+)
 
 
 def test_instruction_prompt_numbers_demos_and_opens_next_item():
