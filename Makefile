@@ -7,7 +7,7 @@ STAMP := $(VENV)/.selfspec-setup
 # CPU index, so that pip never pulls the multi-GB CUDA build.
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup test test-unit up lint clean
+.PHONY: setup test test-unit up lint clean results cluster-demo
 
 setup: $(STAMP)
 
@@ -34,8 +34,17 @@ test-unit: setup
 up: setup
 	$(BIN)/selfspec up
 
+# A head and a worker Ray node on this machine; the worker is lost mid-stream and Serve must
+# recover (serve/cluster_demo.py). Flags: make cluster-demo CLUSTER_DEMO_ARGS="--requests 60"
+cluster-demo: setup
+	$(BIN)/selfspec cluster-demo $(CLUSTER_DEMO_ARGS)
+
+# The README's Results section, from the last `selfspec eval` / `selfspec bench all` reports.
+results: setup
+	$(BIN)/python -m evaluation.results
+
 lint: setup
-	$(BIN)/ruff check specialize router serve tests
+	$(BIN)/ruff check specialize router serve evaluation tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,6 +8,9 @@ written to reports/bench_serving.json.
                         asked for the same experts the router chose
     stack / naive       vs transformers + PEFT answering one request at a time, switching adapters
     routing overhead    sequential latency of model="auto" vs the same expert forced
+    engine sweep        one vLLM engine: base only, one expert, the batch spread over 2/4/8/16
+                        experts; weight memory of one engine with N experts vs N merged copies
+                        (serve/bench_engine.py, in its own process)
 
 Every answer is exactly --max-tokens long (ignore_eos), so throughputs compare like with like.
 Without two experts in --experts-dir, the bench publishes two random-init LoRA adapters on the
@@ -73,6 +76,8 @@ def run_serving_bench(args) -> int:
             out.write_text(json.dumps(report, indent=2) + "\n")
             return report[name]
 
+        engine = phase("engine", lambda: bench_engine(plan, cfg, adapters, texts, args,
+                                                      Path(tmp)))
         stack = phase("stack", lambda: bench_stack(cfg, names, texts, args))
         chosen = stack.pop("_routed_experts")
         base_id = str(plan.base_path)
@@ -90,13 +95,16 @@ def run_serving_bench(args) -> int:
             "stack_over_vllm": _r(stack["routed"]["tokens_per_s"], vllm["tokens_per_s"]),
             "stack_over_naive": _r(stack["routed"]["tokens_per_s"], naive["tokens_per_s"]),
             "routing_latency_overhead": stack["latency"]["overhead"],
+            "engine_mixed16_over_single": engine["mixed_over_single"]["16"],
         }
         report["targets"] = {"mixed_over_single": ">= 0.95", "stack_over_vllm": ">= 0.9",
-                             "stack_over_naive": ">= 4", "routing_latency_overhead": "<= 0.02"}
+                             "stack_over_naive": ">= 4", "routing_latency_overhead": "<= 0.02",
+                             "engine_mixed16_over_single": ">= 0.95"}
         report["machine"]["load_after"] = os.getloadavg()
         out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
-    print(f"\nwrote {out}")
+    plot = plot_report(report, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {plot}")
     return 0
 
 
@@ -115,7 +123,8 @@ def bench_stack(cfg, names: list[str], texts: list[str], args) -> dict:
         load = lambda jobs: run_load(f"{url}/v1", KEY, jobs, args.max_tokens,
                                      args.concurrency)
         load([(n, t) for n in names for t in texts[:4]])  # warm-up: every adapter, compiled
-        out = {"single": load([(names[0], t) for t in texts]).summary(),
+        out = {"base": load([("base", t) for t in texts]).summary(),
+               "single": load([(names[0], t) for t in texts]).summary(),
                "mixed": load([(names[i % len(names)], t) for i, t in enumerate(texts)])
                .summary()}
         routed = load([("auto", t) for t in texts])
@@ -155,6 +164,27 @@ def _routing_share(url: str, e2e_s: float) -> float | None:
             if ln.startswith("selfspec_routing_seconds_")}
     n = vals.get("selfspec_routing_seconds_count", 0)
     return round(vals["selfspec_routing_seconds_sum"] / n / e2e_s, 4) if n else None
+
+
+def bench_engine(plan, cfg, adapters: dict[str, Path], texts: list[str], args,
+                 tmp: Path) -> dict:
+    import subprocess
+
+    spec = {"base": str(plan.base_path), "adapters": [str(p) for p in adapters.values()],
+            "tmp": str(tmp / "synthetic"), "texts": texts, "max_tokens": args.max_tokens,
+            "max_lora_rank": plan.max_lora_rank, "max_model_len": cfg.engine.max_model_len,
+            "max_num_seqs": cfg.engine.max_num_seqs}
+    (tmp / "engine_spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gib),
+           "VLLM_LOGGING_LEVEL": "WARNING"}
+    with (tmp / "engine.log").open("w") as log:
+        code = subprocess.call([sys.executable, "-m", "serve.bench_engine",
+                                str(tmp / "engine_spec.json"), str(tmp / "engine.json")],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        tail = (tmp / "engine.log").read_text()[-3000:]
+        raise RuntimeError(f"the engine sweep failed ({code}):\n{tail}")
+    return json.loads((tmp / "engine.json").read_text())
 
 
 def bench_vllm(plan, cfg, adapters, jobs, args, tmp: Path) -> dict:
@@ -222,8 +252,35 @@ def synthetic_registry(root: Path, domains=("finance", "law")) -> Path:
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "load_before": os.getloadavg(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    import platform
+    from importlib.metadata import version
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = next((int(ln.split()[1]) // 2**20 for ln in _read("/proc/meminfo").splitlines()
+                if ln.startswith("MemTotal")), None)
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_gib": mem,
+            "python": platform.python_version(),
+            "versions": {p: version(p) for p in ("torch", "ray")} | {"vllm": _vllm_version()},
+            "load_before": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "none"
 
 
 def _r(a: float, b: float) -> float:
@@ -232,7 +289,7 @@ def _r(a: float, b: float) -> float:
 
 def format_report(r: dict) -> str:
     s, v, n = r["stack"], r["vllm_serve"], r["naive_peft"]
-    rows = [("stack, one expert", s["single"]), ("stack, mixed experts", s["mixed"]),
+    rows = [("stack, base only", s["base"]), ("stack, one expert", s["single"]), ("stack, mixed experts", s["mixed"]),
             ("stack, model=auto", s["routed"]), ("plain vllm serve", v), ("naive PEFT", n)]
     lines = [(f"serving bench: {len(r['experts'])} experts"
               f"{' (synthetic adapters)' if r['synthetic_adapters'] else ''}, "
@@ -242,7 +299,58 @@ def format_report(r: dict) -> str:
     for name, x in rows:
         lines.append(f"{name:<22} {x['tokens_per_s']:>8.1f} {x['requests_per_s']:>7.2f} "
                      f"{x['latency_p50_s']:>7.3f}")
+    e = r["engine"]
+    lines.append(f"\none engine, {e['requests']} requests x {e['max_tokens']} tokens "
+                 f"({e['cpu_lora_ops']} LoRA ops)")
+    lines.append(f"{'setup':<22} {'tok/s':>8} {'vs 1 expert':>12}")
+    one = e["setups"]["experts_1"]["tokens_per_s"]
+    for name, x in e["setups"].items():
+        lines.append(f"{name:<22} {x['tokens_per_s']:>8.1f} {x['tokens_per_s'] / one:>12.3f}")
+    lines.append(f"\n{'experts':>7} {'one engine MB':>14} {'merged copies MB':>17} {'ratio':>6}")
+    for m in e["memory"]:
+        lines.append(f"{m['experts']:>7} {m['one_engine_mb']:>14.1f} "
+                     f"{m['merged_copies_mb']:>17.1f} {m['ratio_merged_over_engine']:>6.2f}")
     lines.append("")
     for k, v in r["ratios"].items():
         lines.append(f"{k:<26} {v:>7}   target {r['targets'][k]}")
     return "\n".join(lines)
+
+
+def plot_report(r: dict, path: Path) -> Path:
+    """Throughput of every setup, and how one engine scales with the number of experts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, e = r["stack"], r["engine"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    bars = {"base": s["base"], "1 expert": s["single"], "mixed": s["mixed"],
+            "auto": s["routed"], "vllm serve": r["vllm_serve"], "naive PEFT": r["naive_peft"]}
+    a.bar(list(bars), [x["tokens_per_s"] for x in bars.values()],
+          color=["#999"] + ["#4477aa"] * 3 + ["#cc6677", "#ddcc77"])
+    a.set_ylabel("completion tokens/s")
+    a.set_title("HTTP throughput (same prompts)")
+    a.tick_params(axis="x", rotation=30)
+    ns = [1] + [int(k) for k in e["mixed_over_single"]]
+    b.plot(ns, [e["setups"][f"experts_{n}"]["tokens_per_s"] for n in ns], "o-")
+    b.axhline(e["setups"]["base"]["tokens_per_s"], color="#999", ls="--", label="base only")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("distinct experts in the batch")
+    b.set_ylabel("tokens/s")
+    b.set_title("one engine, mixed experts")
+    b.legend()
+    m = e["memory"]
+    c.plot([x["experts"] for x in m], [x["one_engine_mb"] for x in m], "o-", label="one engine")
+    c.plot([x["experts"] for x in m], [x["merged_copies_mb"] for x in m], "s-",
+           label="merged copies")
+    c.set_xlabel("experts")
+    c.set_ylabel("weight memory (MB)")
+    c.set_title("memory")
+    c.legend()
+    fig.suptitle(f"selfspec bench serving: {r['base_model'].rsplit('/', 1)[-1]}, "
+                 f"{r['machine']['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

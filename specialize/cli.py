@@ -45,6 +45,22 @@ def _specialize_parser(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run")
     g.add_argument("--restart", action="store_true", help="discard an interrupted run")
+    r = p.add_argument_group(
+        "parallel on Ray", "One domain per Ray task, all publishing into one registry. Every "
+        "node must see the experts dir, the seeds and a local base model folder at the same "
+        "paths (a shared filesystem such as NFS); each task checks that it does.")
+    r.add_argument("--ray-address", metavar="auto|local|ADDR", default=None,
+                   help="run on Ray: auto (a running `ray start` cluster), local (start one "
+                   "here), HOST:PORT or ray://HOST:PORT; without it domains run one after another")
+    r.add_argument("--shards", action="append", metavar="K|DOMAIN=K", default=None,
+                   help="answer a domain's instructions in K parallel tasks, each with its own "
+                   "engine (K for every domain, or DOMAIN=K; repeatable)")
+    r.add_argument("--task-cpus", type=float, default=None,
+                   help="CPUs per task (default: 1 on a GPU cluster, else a whole node)")
+    r.add_argument("--task-gpus", type=float, default=None,
+                   help="GPUs per task (default: 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--task-memory-gib", type=float, default=None,
+                   help="memory per task, for Ray's scheduler (default: not declared)")
     p.set_defaults(func=_run_specialize)
 
 
@@ -70,16 +86,41 @@ def _run_specialize(args) -> int:
         validate={"max_lora_rank": args.max_lora_rank},
     )
     domains = available_domains() if args.all else args.domains
+    ray_flags = [f for f, v in (("--shards", args.shards), ("--task-cpus", args.task_cpus),
+                                ("--task-gpus", args.task_gpus),
+                                ("--task-memory-gib", args.task_memory_gib)) if v is not None]
+    if ray_flags and not args.ray_address:
+        raise ConfigError(f"{', '.join(ray_flags)} only apply to a run on Ray: add "
+                          "--ray-address auto|local|ADDR")
+    failed: dict[str, str] = {}
     try:
-        results = specialize(domains, cfg, resume=args.resume, restart=args.restart)
+        if args.ray_address:
+            from specialize.distributed import build_distributed_config, specialize_distributed
+
+            dcfg = build_distributed_config(
+                args.ray_address, args.shards, task_cpus=args.task_cpus,
+                task_gpus=args.task_gpus, task_memory_gib=args.task_memory_gib,
+                log_to_driver=args.verbose)
+            outcome = specialize_distributed(domains, cfg, dcfg, resume=args.resume,
+                                             restart=args.restart)
+            results, failed = outcome.results, outcome.failed
+        else:
+            results = specialize(domains, cfg, resume=args.resume, restart=args.restart)
     except KeyboardInterrupt:
         print("\ninterrupted: finished batches are saved; continue with the same command "
               "plus --resume", file=sys.stderr)
         return 130
-    print()
-    print(format_summary(results))
+    if results:
+        print()
+        print(format_summary(results))
     for r in results:
         print(f"published {r['domain']} v{r['version']} -> {r['path']}")
+    for name, why in failed.items():
+        print(f"selfspec: {name} failed: {why}", file=sys.stderr)
+    if failed:
+        print(f"selfspec: {len(failed)} of {len(domains)} domain(s) failed; rerun them with "
+              "--resume", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -117,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfspec", description="Self-specialized domain "
                                      "experts from one base model, served together.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    from evaluation.cli import add_parsers as _eval_parsers
     from router.cli import add_parsers as _router_parsers
     from serve.cli import add_parsers as _serve_parsers
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _experts_parser(sub)
     _router_parsers(sub)
     _serve_parsers(sub)
+    _eval_parsers(sub)
     return parser
 
 

@@ -44,6 +44,23 @@ class Adapter:
     path: Path
 
 
+@dataclass(frozen=True)
+class TokenRequest:
+    """One greedy request on token ids (evaluation): `prompt_logprobs` also returns each prompt
+    token's log-probability, the way lm-eval scores a continuation."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 1
+    adapter: Adapter | None = None
+    prompt_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    text: str
+    prompt_logprobs: tuple[float | None, ...] | None = None  # None for the first token
+
+
 class Generator(Protocol):
     def complete(self, prompts: list[str], sampling: Sampling,
                  adapter: Adapter | None = None) -> list[Completion]: ...
@@ -56,14 +73,19 @@ class Generator(Protocol):
 
 
 class VllmGenerator:
-    def __init__(self, model_path: Path, cfg: EngineConfig, max_lora_rank: int | None = None):
+    def __init__(self, model_path: Path, cfg: EngineConfig, max_lora_rank: int | None = None,
+                 max_loras: int = 4, lora_target_modules: tuple[str, ...] | None = None):
         # vLLM's CPU backend sizes its KV cache from this variable (GiB); unset it would take a
         # large default share of RAM on a small box.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         from vllm import LLM
 
-        lora = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=4) \
+        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} \
             if max_lora_rank else {}
+        if max_lora_rank and lora_target_modules:
+            # An explicit list keeps lm_head unwrapped: vLLM 0.32's CPU LoRA logits wrapper
+            # breaks prompt logprobs in mixed-adapter batches (see serve/adapters.py).
+            lora["lora_target_modules"] = list(lora_target_modules)
         self.llm = LLM(model=str(model_path), max_model_len=cfg.max_model_len, dtype=cfg.dtype,
                        gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed, **lora)
         self.tokenizer = self.llm.get_tokenizer()
@@ -85,6 +107,28 @@ class VllmGenerator:
         prompts = [self._fit(p, sampling.max_tokens) for p in prompts]
         outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
         return [Completion(o.outputs[0].text, o.outputs[0].finish_reason or "stop") for o in outs]
+
+    def complete_tokens(self, requests: list[TokenRequest]) -> list[TokenResult]:
+        """Greedy, on token ids, each request with its own adapter: one engine batch."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens,
+                                 prompt_logprobs=1 if r.prompt_logprobs else None)
+                  for r in requests]
+        loras = [LoRARequest(r.adapter.name, r.adapter.int_id, str(r.adapter.path))
+                 if r.adapter else None for r in requests]
+        outs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        results = []
+        for r, o in zip(requests, outs):
+            lps = None
+            if r.prompt_logprobs:
+                lps = tuple(None if d is None else d[tok].logprob
+                            for tok, d in zip(r.prompt_ids, o.prompt_logprobs))
+            results.append(TokenResult(o.outputs[0].text, lps))
+        return results
 
     def _fit(self, prompt: str, max_tokens: int) -> str:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)

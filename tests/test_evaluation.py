@@ -1,0 +1,338 @@
+"""`selfspec eval` without models: scoring and normalization, macro-F1 and bootstrap intervals,
+the whole evaluate -> report path with a fake backend, and bad input failing before any load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evaluation.backends import Result, Served
+from evaluation.config import build_eval_config
+from evaluation.formats import (
+    first_line,
+    normalize,
+    parse_label,
+    parse_yes_no,
+    score_generation,
+    score_multiple_choice,
+    user_text,
+)
+from evaluation.report import format_table, write_outputs
+from evaluation.run import evaluate, limit_items
+from evaluation.stats import macro_f1, macro_f1_ci, mean_ci, paired_diff
+from specialize.cli import main
+from specialize.errors import ConfigError
+from specialize.seeds import EvalItem, load_domain
+
+
+def item(**kw) -> EvalItem:
+    return EvalItem.model_validate({"id": "x", "question": "Q?", **kw})
+
+
+# ---------------------------------------------------------------- normalization
+@pytest.mark.parametrize("text,want", [
+    ("The Liver.", "liver"),
+    ("7.4", "7.4"),
+    ("about 7.40!", "about 7.40"),
+    ("$1,000", "1000"),
+    ("33.3%", "33.3"),
+    ("\u22124", "-4"),
+    ("vitamin B-12", "vitamin b 12"),
+    ("T. pallidum", "t pallidum"),
+    ("an IgM", "igm"),
+])
+def test_normalize(text, want):
+    assert normalize(text) == want
+
+
+def test_first_line_drops_labels_and_blank_lines():
+    assert first_line("\n\n**Answer:** liver\nIt makes bile.") == "liver"
+    assert first_line("Final answer - 46") == "46"
+    assert first_line("The answer is 2000.") == "2000."
+    assert first_line("Answers vary.") == "Answers vary."
+    assert first_line("") == ""
+
+
+def test_parse_yes_no():
+    assert parse_yes_no("Yes, it does.") == "yes"
+    assert parse_yes_no(" no") == "no"
+    assert parse_yes_no("Aspirin does.") is None
+    assert parse_yes_no("") is None
+
+
+def test_parse_label_earliest_then_longest():
+    labels = ["cohort study", "case-control study", "cross-sectional study"]
+    assert parse_label("This is a case-control study, not a cohort study.", labels) == \
+        "case-control study"
+    assert parse_label("Cohort study.", labels) == "cohort study"
+    assert parse_label("A trial.", labels) is None
+    # "bond" and "bond fund" both start at the same place: the longer label wins
+    assert parse_label("bond fund", ["bond", "bond fund"]) == "bond fund"
+
+
+def test_multiple_choice_acc_and_acc_norm_differ_on_length():
+    it = item(type="multiple_choice", options=["IgM", "Immunoglobulin G antibodies"], answer="B")
+    s = score_multiple_choice(it, [-3.0, -10.0])  # per char: -1.0 vs -0.37
+    assert (s.acc, s.score, s.pred, s.gold) == (0.0, 1.0, "B", "B")
+
+
+def test_generation_scores():
+    yn = item(type="yes_no", answer="yes")
+    assert score_generation(yn, "Yes.").score == 1.0
+    bad = score_generation(yn, "Maybe")
+    assert (bad.score, bad.valid) == (0.0, False)
+    cls = item(type="classification", labels=["bullish", "bearish"], answer="bearish")
+    assert score_generation(cls, "Bearish, because ...").score == 1.0
+    sa = item(type="short_answer", answer="sinoatrial node", aliases=["SA node"])
+    s = score_generation(sa, "The SA node.\nIt sets the pace.")
+    assert (s.score, s.pred, s.rouge_l) == (1.0, "The SA node.", 0.8)  # rouge_score keeps "the"
+    near = score_generation(sa, "the sinoatrial node of the heart")
+    assert (near.score, near.rouge_l) == (0.0, 0.5)  # LCS 2 of 6 and 2 tokens
+
+
+def test_user_text_per_format():
+    assert user_text(item(type="multiple_choice", options=["a", "b"], answer="A")) == "Q?"
+    assert user_text(item(type="yes_no", answer="no", input="ctx")).endswith(
+        "Q?\n\nctx\n\nAnswer yes or no.")
+    assert "Answer with one of: up, down." in user_text(
+        item(type="classification", labels=["up", "down"], answer="up"))
+
+
+# ---------------------------------------------------------------- statistics
+def test_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    gold = ["yes", "no", "yes", "yes", "no", "no", "yes"]
+    pred = ["yes", "yes", None, "yes", "no", None, "no"]
+    classes = sorted(set(gold) | {p for p in pred if p})
+    want = f1_score(gold, [p or "<invalid>" for p in pred], labels=classes, average="macro")
+    assert macro_f1(gold, pred) == pytest.approx(want)
+    ci = macro_f1_ci(gold, pred, resamples=200)
+    assert ci["mean"] == pytest.approx(want, abs=1e-4) and ci["ci"][0] <= ci["ci"][1]
+
+
+def test_bootstrap_intervals_are_fixed_and_sane():
+    v = [1, 0, 1, 1, 0, 1, 0, 1, 1, 1]
+    a, b = mean_ci(v), mean_ci(v)
+    assert a == b and a["mean"] == 0.7 and a["ci"][0] < 0.7 < a["ci"][1]
+    assert mean_ci([1, 1, 1])["ci"] == [1.0, 1.0]
+    same = paired_diff(v, v)
+    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and same["p_not_better"] == 1.0
+    better = paired_diff([1] * 10, v)
+    assert better["diff"] == pytest.approx(0.3) and better["ci"][0] >= 0
+    with pytest.raises(ValueError):
+        paired_diff([1, 0], [1])
+
+
+def test_limit_spreads_over_types():
+    items = load_domain("finance").eval_items
+    picked = limit_items(items, 8)
+    assert len(picked) == 8
+    assert {it.type for it in picked} == {"multiple_choice", "yes_no", "short_answer",
+                                          "classification"}
+    assert picked == sorted(picked, key=items.index)
+    assert limit_items(items, None) is items
+
+
+# ---------------------------------------------------------------- evaluate, with a fake backend
+class FakeTokens:
+    """Characters as token ids; the chat 'template' is a fixed wrapper."""
+
+    def chat(self, user):
+        return tuple(ord(c) for c in f"<u>{user}</u><a>")
+
+    def text(self, text):
+        return tuple(ord(c) for c in text)
+
+
+class FakeBackend:
+    """Each expert knows its own domain perfectly and nothing else; the base model knows
+    nothing. The router sends every item to the expert named after its domain."""
+
+    def __init__(self, domains):
+        self.tokens = FakeTokens()
+        self.by_user = {user_text(it): (d, it) for d, its in domains.items() for it in its}
+        self.closed = False
+
+    def route(self, users):
+        return [self.by_user[u][0] if self.by_user[u][0] != "law" else None for u in users]
+
+    def complete(self, requests, progress):
+        out = []
+        for r in requests:
+            text = "".join(map(chr, r.prompt_ids))
+            user = text[3:text.index("</u><a>")]
+            domain, it = self.by_user[user]
+            knows = r.target == domain
+            if r.logprobs:
+                option = text[text.index("</u><a>") + 7:]
+                right = option == it.options[ord(it.answer) - 65]
+                # who knows prefers the right option, who does not prefers any other one
+                lp = (-0.01 if right else -1.0) if knows else (-2.0 if right else -1.0)
+                out.append(Result("", tuple([None] + [-5.0] * (len(text) - len(option) - 1)
+                                            + [lp] * len(option))))
+            elif knows:
+                out.append(Result({"yes_no": it.answer, "classification": it.answer or ""}
+                                  .get(it.type, it.answer)))
+            else:
+                out.append(Result("I am not sure."))
+        progress(len(requests))
+        return out
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_served(monkeypatch, tmp_path):
+    served = Served("vllm", {"spec": "fake-base", "path": "/fake"},
+                    {"finance": {"version": 1, "lora_name": "finance@v1"},
+                     "law": {"version": 2, "lora_name": "law@v2"}}, {}, 7)
+    (tmp_path / "registry.json").write_text("{}")
+    monkeypatch.setattr("evaluation.backends.plan_direct",
+                        lambda experts_dir, want: (served, None, None))
+    return tmp_path
+
+
+def test_evaluate_with_fake_backend(fake_served, tmp_path):
+    backends = []
+
+    def factory(plan):
+        backends.append(FakeBackend(plan.domains))
+        return backends[-1]
+
+    cfg = build_eval_config(experts_dir=fake_served, domains=["finance", "law"], limit=8,
+                            out=tmp_path / "out", resamples=200)
+    report, rows = evaluate(cfg, backend_factory=factory, progress=_Bar())
+    assert backends[0].closed
+    assert report["targets"] == ["base", "finance", "law", "auto"]
+    assert report["columns"] == ["finance", "law", "mixed"]
+    res = report["results"]
+    assert res["finance"]["finance"]["score"]["mean"] == 1.0
+    assert res["finance"]["law"]["score"]["mean"] == 0.0  # forgot everything else
+    assert res["base"]["mixed"]["score"]["mean"] == 0.0
+    # auto: finance items to the finance expert, law items to the base model (router says none)
+    assert res["auto"]["finance"]["score"]["mean"] == 1.0
+    assert res["auto"]["law"]["score"]["mean"] == 0.0
+    assert report["routing"] == {"finance": {"finance": 8}, "law": {"base": 8}}
+    cmp = report["comparisons"]
+    assert cmp["expert_vs_base"]["finance"]["diff"] == 1.0
+    assert cmp["auto_vs_base"]["mixed"]["diff"] == 0.5
+    assert report["summary"] == {"experts_beat_base": ["finance", "law"], "experts_compared": 2,
+                                 "auto_beats_base_on_mixed": True}
+    cell = res["law"]["law"]
+    assert set(cell) == {"n", "score", "multiple_choice", "yes_no", "classification",
+                         "short_answer"}
+    assert set(cell["yes_no"]) == {"n", "accuracy", "macro_f1", "invalid"}
+    assert set(cell["multiple_choice"]) == {"n", "acc", "acc_norm"}
+    assert res["base"]["law"]["yes_no"]["invalid"] == 1.0
+    assert report["registry"]["revision"] == 7 and report["backend"]["kind"] == "vllm"
+    assert len(rows) == 4 * 16 and {r["routed_to"] for r in rows if r["target"] == "auto"} == \
+        {"finance", "base"}
+
+    paths = write_outputs(report, rows, cfg.out)
+    assert sorted(p.name for p in cfg.out.iterdir()) == sorted(p.name for p in paths) == \
+        ["eval.json", "eval.md", "eval_heatmap.png", "eval_items.jsonl"]
+    assert json.loads((cfg.out / "eval.json").read_text())["schema_version"] == 1
+    assert (cfg.out / "eval_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    table = format_table(report)
+    assert "| finance | **1.00 [1.00, 1.00]** | 0.00 [0.00, 0.00] |" in table
+    assert "| auto − base | mixed | +0.500" in table
+
+
+def test_auto_only_scores_just_the_routed_cells(fake_served, tmp_path):
+    seen = []
+
+    class Recording(FakeBackend):
+        def complete(self, requests, progress):
+            seen.extend({r.target for r in requests})
+            return super().complete(requests, progress)
+
+    cfg = build_eval_config(experts_dir=fake_served, domains=["finance", "law"], limit=4,
+                            targets=["auto"], resamples=100)
+    report, _ = evaluate(cfg, backend_factory=lambda plan: Recording(plan.domains),
+                         progress=_Bar())
+    assert report["targets"] == ["auto"] and set(seen) == {"finance", "base"}
+    assert report["comparisons"] == {"expert_vs_base": {}, "auto_vs_base": {}}
+    assert report["summary"]["auto_beats_base_on_mixed"] is None
+
+
+class _Bar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+# ---------------------------------------------------------------- bad input
+def _no_model(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded for bad input")
+    monkeypatch.setattr("evaluation.run.open_backend", boom)
+    monkeypatch.setattr("evaluation.backends.DirectBackend", boom)
+    monkeypatch.setattr("evaluation.backends.HttpBackend", boom)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--domains", "astrology"], "unknown domain 'astrology'"),
+    (["--targets", "base,wizard"], "unknown target 'wizard'"),
+    (["--limit", "0"], "--limit"),
+    (["--endpoint", "localhost:8000"], "not an http(s) URL"),
+    (["--endpoint", "http://127.0.0.1:9"], "cannot reach the endpoint"),
+])
+def test_bad_input_fails_fast_one_line(fake_served, monkeypatch, capsys, args, message):
+    _no_model(monkeypatch)
+    code = main(["eval", "--experts-dir", str(fake_served), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.startswith("selfspec: error:"), err
+
+
+@pytest.mark.parametrize("targets", ["experts", "auto", "base,finance"])
+def test_no_registry_no_experts(tmp_path, monkeypatch, capsys, targets):
+    _no_model(monkeypatch)
+    code = main(["eval", "--experts-dir", str(tmp_path / "none"), "--targets", targets])
+    err = capsys.readouterr().err
+    assert code == 2 and "no expert registry" in err and "selfspec specialize --all" in err
+
+
+def test_empty_registry_has_no_servable_experts(tmp_path, monkeypatch, capsys):
+    from specialize.registry import Registry, write_registry
+
+    _no_model(monkeypatch)
+    write_registry(tmp_path, Registry())
+    code = main(["eval", "--experts-dir", str(tmp_path), "--targets", "base,experts"])
+    assert code == 2 and "has no servable experts" in capsys.readouterr().err
+
+
+def test_config_rejects_unknown_fields():
+    with pytest.raises(ConfigError, match="invalid eval arguments"):
+        build_eval_config(targets=[" ", ""])
+
+
+def test_api_key_is_not_recorded():
+    from evaluation.cli import _command_line
+
+    assert _command_line(["eval", "--api-key", "sk-1", "--endpoint", "http://x"]) == \
+        "selfspec eval --api-key '***' --endpoint http://x"
+    assert "sk-2" not in _command_line(["eval", "--api-key=sk-2"])
+
+
+def test_lm_eval_task_yaml_loads_and_matches_the_eval_set(monkeypatch):
+    """lm-eval itself loads the shipped task: finance's multiple-choice items, right answers."""
+    from lm_eval.tasks import TaskManager
+
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)  # the task's data path is relative to the repository root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tm = TaskManager(include_path=str(REPO / "evaluation" / "lm_eval_tasks"))
+    task = tm.load("selfspec_finance_mc")["tasks"]["selfspec_finance_mc"]
+    docs = list(task.test_docs())
+    mc = [it for it in load_domain("finance").eval_items if it.type == "multiple_choice"]
+    assert len(docs) == len(mc) > 0
+    for doc, it in zip(docs, mc):
+        assert task.doc_to_text(doc) == user_text(it)
+        assert task.doc_to_choice(doc)[task.doc_to_target(doc)] == \
+            it.options[ord(it.answer) - 65]
