@@ -35,8 +35,8 @@ def eval_section(r: dict, assets: str) -> list[str]:
     out = [f"### Experts vs base (`selfspec eval`, {r['created'][:10]})", "",
            f"Base model `{r['base_model']['spec']}`, registry revision "
            f"{r['registry']['revision']}, {r['backend']['kind']} backend; "
-           f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}). Headline score: "
-           f"{r['settings']['headline']}. Brackets: 95% bootstrap interval "
+           f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}). Headline "
+           f"{r['settings']['headline'].removeprefix('score: ')}. Brackets: 95% bootstrap interval "
            f"({r['settings']['bootstrap']['resamples']} resamples).", "",
            "| target | " + " | ".join(f"{c} (n={r['results'][r['targets'][0]][c]['n']})"
                                       for c in cols) + " |",
@@ -93,7 +93,7 @@ def router_section(r: dict) -> list[str]:
     acc, lat, tp = r["accuracy"], r["latency_ms"], r["throughput_qps"]
     ours, base = acc["router"], next((v for k, v in acc.items() if k != "router"), None)
     out = ["### Router (`selfspec bench router`)", "",
-           f"{r['router']['source'].split(' ')[0]} with {len(r['router']['experts'])} experts, "
+           f"Exemplars from the {r['router']['source']}, {len(r['router']['experts'])} experts, "
            f"{r['router']['n_vectors']} vectors, {r['queries']} queries, one thread.", "",
            "| | top-1 | off-topic → base | overall |", "|---|---|---|---|",
            f"| embedding router | {ours['top1_accuracy']:.3f} | {ours['none_recall']:.3f} | "

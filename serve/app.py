@@ -37,11 +37,15 @@ def build_app(args: dict | None = None):
     plain = cfg.model_dump(mode="json")
     e, r, i = cfg.engine, cfg.router, cfg.ingress
     engine = EngineServer.options(
-        name="engine", num_replicas=e.num_replicas, max_ongoing_requests=e.max_ongoing_requests,
-        ray_actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus}).bind(plain)
+        name="engine", max_ongoing_requests=e.max_ongoing_requests, **e.serve_options(),
+        ray_actor_options=_actor_options(e, num_gpus=e.num_gpus)).bind(plain)
     router = RouterServer.options(
-        name="router", num_replicas=r.num_replicas, max_ongoing_requests=r.max_ongoing_requests,
-        ray_actor_options={"num_cpus": r.num_cpus}).bind(plain)
+        name="router", max_ongoing_requests=r.max_ongoing_requests, **r.serve_options(),
+        ray_actor_options=_actor_options(r)).bind(plain)
     return IngressServer.options(
-        name="ingress", num_replicas=i.num_replicas, max_ongoing_requests=i.max_ongoing_requests,
-        ray_actor_options={"num_cpus": i.num_cpus}).bind(engine, router, plain)
+        name="ingress", max_ongoing_requests=i.max_ongoing_requests, **i.serve_options(),
+        ray_actor_options=_actor_options(i)).bind(engine, router, plain)
+
+
+def _actor_options(opts, **extra) -> dict:
+    return {"num_cpus": opts.num_cpus, "resources": dict(opts.resources), **extra}

@@ -22,7 +22,56 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EngineOptions(_Config):
+class AutoscalingOptions(_Config):
+    """Ray Serve's `autoscaling_config` (same names): replicas follow the requests in flight."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # Requests in flight per replica that Serve aims for; more -> it adds replicas.
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas "
+                             f"{self.max_replicas}")
+        if self.initial_replicas is not None and not \
+                self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas {self.initial_replicas} is outside "
+                             f"[{self.min_replicas}, {self.max_replicas}]")
+        return self
+
+
+class _Replicas(_Config):
+    """How Serve places and scales one deployment's replicas (every deployment has these)."""
+
+    # None: 1 replica, or as many as autoscaling_config decides when that is set.
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling_config: AutoscalingOptions | None = None
+    # Custom Ray resources each replica needs, e.g. {"selfspec_engine": 1} to pin the engine
+    # to the nodes started with that resource (Ray's `ray_actor_options.resources`).
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fixed_or_autoscaled(self):
+        if self.autoscaling_config is not None and self.num_replicas is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both (Serve "
+                             "takes the replica count from autoscaling_config)")
+        if any(v < 0 for v in self.resources.values()):
+            raise ValueError(f"resources must be >= 0, got {self.resources}")
+        return self
+
+    def serve_options(self) -> dict:
+        """The replica part of Ray Serve's `Deployment.options(...)`."""
+        if self.autoscaling_config is not None:
+            return {"autoscaling_config": self.autoscaling_config.model_dump(exclude_none=True)}
+        return {"num_replicas": self.num_replicas or 1}
+
+
+class EngineOptions(_Replicas):
     """The vLLM engine deployment. LoRA limits default to what the registry needs."""
 
     max_model_len: int = Field(2048, ge=128)
@@ -41,7 +90,6 @@ class EngineOptions(_Config):
     max_num_seqs: int = Field(64, ge=1)
     enforce_eager: bool = False
     seed: int = 0
-    num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)  # vLLM batches only what Serve lets through
@@ -59,19 +107,17 @@ class EngineOptions(_Config):
         return self
 
 
-class RouterOptions(_Config):
+class RouterOptions(_Replicas):
     """The router deployment (CPU): batches concurrent routing calls with @serve.batch."""
 
     encoder: str | None = None  # None: the encoder the index was built with (or the default)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)  # 5 ms: < 2% of a short generation
-    num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
 
 
-class IngressOptions(_Config):
-    num_replicas: int = Field(1, ge=1)
+class IngressOptions(_Replicas):
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(512, ge=1)
     # 1 MiB holds a ~250k-token prompt, far above any context this engine serves.

@@ -49,12 +49,21 @@ class _Grouping:
         self.cols = indices.clamp(min=0)
         self._keep_mask = indices >= 0
         self._keep: dict[torch.dtype, torch.Tensor] = {}
+        self._place: dict[tuple[torch.dtype, int], torch.Tensor] = {}
         self._slots: list[int] | None = None
 
     def keep(self, dtype: torch.dtype) -> torch.Tensor:  # 1 for adapter tokens, 0 for base ones
         if dtype not in self._keep:
             self._keep[dtype] = self._keep_mask.to(dtype).unsqueeze(1)
         return self._keep[dtype]
+
+    def place(self, dtype: torch.dtype, slots: int) -> torch.Tensor:
+        """[tokens, slots, 1]: 1 at each adapter token's slot, 0 elsewhere and for base tokens."""
+        key = (dtype, slots)
+        if key not in self._place:
+            hot = torch.nn.functional.one_hot(self.cols, slots).to(dtype) * self.keep(dtype)
+            self._place[key] = hot.unsqueeze(2)
+        return self._place[key]
 
     def slots(self) -> list[int]:
         if self._slots is None:
@@ -63,6 +72,7 @@ class _Grouping:
 
 
 _step: tuple[int, int, _Grouping] | None = None  # (data_ptr, numel, grouping) of this step
+_prefill: tuple[int, int, torch.Tensor] | None = None  # per-run slot buffer -> token indices
 _stacked: dict[int, torch.Tensor] = {}            # expand weights laid out for one matmul
 _loaded: tuple | None = None                      # slot -> adapter id when _stacked was filled
 
@@ -107,8 +117,7 @@ def grouped_lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: to
             every = x @ w.reshape(slots * width, fan_in).to(dtype).t()
             return every.view(g.n, slots, width)[g.rows, g.cols] * keep
         # expand ([out, r]): put each token's r-vector in its slot's block, then one matmul
-        blocks = x.new_zeros((g.n, slots, fan_in))
-        blocks[g.rows, g.cols] = x * keep
+        blocks = x.unsqueeze(1) * g.place(dtype, slots)  # [n, slots, r], zero off-slot
         return blocks.view(g.n, slots * fan_in) @ _stack_expand(w, dtype)
     out = x.new_zeros((g.n, width))
     for slot in g.slots():
@@ -143,6 +152,36 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
         output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
 
 
+# vLLM V1 always takes the "prefill" (sgmv) path: per-run slots plus run lengths, which the
+# torch ops expand to per-token indices with a fresh repeat_interleave in every layer. The
+# per-token indices of this step are already known (update_metadata), so reuse them.
+def _token_indices(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor):
+    if (_prefill is not None and _prefill[0] == lora_indices_tensor.data_ptr()
+            and _prefill[1] == lora_indices_tensor.shape[0]):
+        return _prefill[2]
+    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                lora_indices_tensor, batches, max_seq_length, token_nums, scaling):
+    bgmv_shrink(inputs, lora_a_weights, output_tensor,
+                _token_indices(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                lora_indices_tensor, batches, max_seq_length, token_nums, add_inputs=False):
+    bgmv_expand(inputs, lora_b_weights, output_tensor,
+                _token_indices(lora_indices_tensor, seq_len_tensor), add_inputs)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                      lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset,
+                      slice_size, add_inputs=False):
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor,
+                      _token_indices(lora_indices_tensor, seq_len_tensor), slice_offset,
+                      slice_size, add_inputs)
+
+
 def enabled() -> bool:
     return os.environ.get("SELFSPEC_CPU_LORA", "1").lower() not in ("0", "false", "no", "off")
 
@@ -157,31 +196,36 @@ def register() -> None:
     if not current_platform.is_cpu():
         return
     import vllm.lora.ops.torch_ops.lora_ops as torch_ops
-    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.lora.punica_wrapper import punica_cpu
 
     # sgmv_* in torch_ops call these bgmv_* through the module globals; punica_cpu imported
     # all of them by name. Patch both namespaces.
     for module in (torch_ops, punica_cpu):
-        for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink",
+                     "sgmv_expand", "sgmv_expand_slice"):
             if hasattr(module, name):
                 setattr(module, name, globals()[name])
     original = punica_cpu.PunicaWrapperCPU.update_metadata
 
     def update_metadata(self, mapping, lora_index_to_id, *args, **kwargs):
         original(self, mapping, lora_index_to_id, *args, **kwargs)
-        note_step(self.token_lora_indices, lora_index_to_id)
+        note_step(self.token_lora_indices, lora_index_to_id,
+                  self.prefill_metadata[2] if self.is_prefill else None)
 
     punica_cpu.PunicaWrapperCPU.update_metadata = update_metadata
     _PATCHED = True
     log.info("selfspec: grouped CPU LoRA ops installed")
 
 
-def note_step(indices: torch.Tensor, lora_index_to_id) -> None:
-    """Called once per engine step: group this step's tokens, and drop the stacked expand
-    weights if a slot now holds a different adapter."""
-    global _step, _loaded
+def note_step(indices: torch.Tensor, lora_index_to_id,
+              per_run: torch.Tensor | None = None) -> None:
+    """Called once per engine step: group this step's tokens (`per_run`: the sgmv path's
+    per-run slot buffer, whose runs expand to `indices`), and drop the stacked expand weights if
+    a slot now holds a different adapter."""
+    global _step, _loaded, _prefill
     loaded = tuple(lora_index_to_id)
     if loaded != _loaded:
         _stacked.clear()
         _loaded = loaded
     _step = (indices.data_ptr(), indices.shape[0], _Grouping(indices))
+    _prefill = None if per_run is None else (per_run.data_ptr(), per_run.shape[0], indices)

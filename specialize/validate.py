@@ -20,7 +20,7 @@ def base_module_names(base_model_path: Path) -> set[str]:
     names = set()
     for f in Path(base_model_path).glob("*.safetensors"):
         with safe_open(f, framework="pt") as st:
-            for key in st.keys():
+            for key in st.keys():  # noqa: SIM118 (safe_open is not iterable)
                 parts = key.split(".")
                 if len(parts) >= 2 and parts[-1] in ("weight", "bias"):
                     names.add(parts[-2])

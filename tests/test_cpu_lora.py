@@ -18,6 +18,7 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(cpu_lora, "_step", None)
     monkeypatch.setattr(cpu_lora, "_loaded", None)
     monkeypatch.setattr(cpu_lora, "_stacked", {})
+    monkeypatch.setattr(cpu_lora, "_prefill", None)
 
 
 @pytest.mark.parametrize("tokens", [5, 64, 3000])  # 3000 x 4 slots takes the looped path
@@ -73,3 +74,19 @@ def test_register_is_off_when_disabled(monkeypatch):
     monkeypatch.setattr(cpu_lora, "_PATCHED", False)
     cpu_lora.register()
     assert cpu_lora._PATCHED is False
+
+
+def test_sgmv_runs_expand_to_the_steps_token_indices():
+    # vLLM V1 always calls the sgmv ops: slots per run of equal adapters plus run lengths.
+    slots, rank, fan_in = 3, 4, 10
+    a = torch.randn(slots, 1, rank, fan_in, dtype=torch.float64)
+    per_run, lengths = torch.tensor([1, -1, 0, 2]), torch.tensor([3, 2, 1, 4])
+    tokens = torch.repeat_interleave(per_run, lengths)
+    x = torch.randn(10, fan_in, dtype=torch.float64)
+    for noted in (False, True):  # with and without the per-step metadata
+        if noted:
+            cpu_lora.note_step(tokens, [1, 2, 3], per_run)
+        buf = torch.zeros(10, rank, dtype=torch.float64)
+        cpu_lora.sgmv_shrink(x, a, buf, None, lengths, per_run, 4, 4, 10, 2.0)
+        torch.testing.assert_close(buf, 2.0 * reference(x, a, tokens))
+    assert cpu_lora._token_indices(per_run, lengths) is tokens

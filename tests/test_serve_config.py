@@ -20,7 +20,9 @@ from specialize.errors import ConfigError, ExpertNotFoundError, RegistryError
 from specialize.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 from tests.conftest import REPO
 
-DEPLOY = sorted((REPO / "deploy").glob("*.yaml"))
+# Serve configs; kuberay.yaml and cluster-launcher.yaml wrap them (tests/test_deploy_files.py).
+DEPLOY = sorted(p for p in (REPO / "deploy").glob("*.yaml")
+                if p.name not in ("kuberay.yaml", "cluster-launcher.yaml"))
 
 
 def entry(name, rank=8, version=1, base="tiny", base_path="/models/tiny") -> ExpertEntry:
@@ -38,7 +40,7 @@ def registry(*entries) -> Registry:
 def test_shipped_deploy_configs_are_valid_serve_configs():
     from ray.serve.schema import ServeDeploySchema
 
-    assert [p.name for p in DEPLOY] == ["gpu.yaml", "local.yaml"]
+    assert [p.name for p in DEPLOY] == ["cluster.yaml", "gpu.yaml", "local.yaml"]
     for path in DEPLOY:
         schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
         (app,) = schema.applications

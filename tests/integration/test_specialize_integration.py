@@ -18,18 +18,18 @@ pytestmark = pytest.mark.integration
 
 
 def tiny_config(experts_dir: Path, base: Path, **over) -> object:
-    cfg = dict(
-        base_model=str(base), experts_dir=experts_dir,
-        engine={"max_model_len": 2048, "kv_cache_gib": 1},
-        generate={"num_instructions": 8, "prompts_per_batch": 4, "max_tokens": 160,
-                  "guided_items": 3},
+    cfg = {
+        "base_model": str(base), "experts_dir": experts_dir,
+        "engine": {"max_model_len": 2048, "kv_cache_gib": 1},
+        "generate": {"num_instructions": 8, "prompts_per_batch": 4, "max_tokens": 160,
+                     "guided_items": 3},
         # Greedy, a random model loops on "\n" (rightly rejected as empty): sample instead.
-        respond={"max_tokens": 24, "batch_size": 4, "top_k": 1, "temperature": 1.0},
+        "respond": {"max_tokens": 24, "batch_size": 4, "top_k": 1, "temperature": 1.0},
         # A random model never stops by itself: keep its cut-off answers for the mechanics.
-        responses={"drop_truncated": False},
-        train={"epochs": 2, "batch_size": 4, "max_seq_len": 256, "learning_rate": 2e-2,
-               "threads": 2},
-        router_exemplars=4)
+        "responses": {"drop_truncated": False},
+        "train": {"epochs": 2, "batch_size": 4, "max_seq_len": 256, "learning_rate": 2e-2,
+                  "threads": 2},
+        "router_exemplars": 4}
     for k, v in over.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return build_config(**cfg)
