@@ -38,42 +38,42 @@ DENSE_MAX_TOKEN_SLOTS = 8192
 
 class _Grouping:
     """How one step's tokens map to adapter slots. Every LoRA layer of a forward pass sees the
-    same indices, so this is computed once per step (in update_metadata), not once per layer."""
+    same indices, so this is computed once per step (in update_metadata), not once per layer.
+    The dense path works over the slots present in the step (`active`), not every slot: its
+    cost then grows with the adapters in the batch, not with `max_loras`."""
 
     def __init__(self, indices: torch.Tensor):
         self.n = indices.shape[0]
-        first = int(indices[0]) if self.n else -1
-        self.single = first if first >= 0 and bool((indices == first).all()) else None
         self.indices = indices
+        present = indices.unique().tolist() if self.n else []
+        self.active = [s for s in present if s >= 0]
+        self.single = self.active[0] if present == self.active and len(self.active) == 1 else None
         self.rows = torch.arange(self.n, device=indices.device)
-        self.cols = indices.clamp(min=0)
+        lut = torch.zeros(max(self.active, default=0) + 1, dtype=torch.long,
+                          device=indices.device)
+        lut[self.active] = torch.arange(len(self.active), device=indices.device)
+        self.local = lut[indices.clamp(min=0)]  # position of each token's slot in `active`
+        self.active_t = torch.tensor(self.active, dtype=torch.long, device=indices.device)
         self._keep_mask = indices >= 0
         self._keep: dict[torch.dtype, torch.Tensor] = {}
-        self._place: dict[tuple[torch.dtype, int], torch.Tensor] = {}
-        self._slots: list[int] | None = None
+        self._place: dict[torch.dtype, torch.Tensor] = {}
 
     def keep(self, dtype: torch.dtype) -> torch.Tensor:  # 1 for adapter tokens, 0 for base ones
         if dtype not in self._keep:
             self._keep[dtype] = self._keep_mask.to(dtype).unsqueeze(1)
         return self._keep[dtype]
 
-    def place(self, dtype: torch.dtype, slots: int) -> torch.Tensor:
-        """[tokens, slots, 1]: 1 at each adapter token's slot, 0 elsewhere and for base tokens."""
-        key = (dtype, slots)
-        if key not in self._place:
-            hot = torch.nn.functional.one_hot(self.cols, slots).to(dtype) * self.keep(dtype)
-            self._place[key] = hot.unsqueeze(2)
-        return self._place[key]
-
-    def slots(self) -> list[int]:
-        if self._slots is None:
-            self._slots = [s for s in self.indices.unique().tolist() if s >= 0]
-        return self._slots
+    def place(self, dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, active, 1]: 1 at each adapter token's slot, 0 elsewhere and for base ones."""
+        if dtype not in self._place:
+            hot = torch.nn.functional.one_hot(self.local, len(self.active)).to(dtype)
+            self._place[dtype] = (hot * self.keep(dtype)).unsqueeze(2)
+        return self._place[dtype]
 
 
 _step: tuple[int, int, _Grouping] | None = None  # (data_ptr, numel, grouping) of this step
 _prefill: tuple[int, int, torch.Tensor] | None = None  # per-run slot buffer -> token indices
-_stacked: dict[int, torch.Tensor] = {}            # expand weights laid out for one matmul
+_stacked: dict[tuple, torch.Tensor] = {}          # expand weights laid out for one matmul
 _loaded: tuple | None = None                      # slot -> adapter id when _stacked was filled
 
 
@@ -87,13 +87,14 @@ def _weights(w: torch.Tensor) -> torch.Tensor:
     return w.squeeze(1) if w.dim() == 4 else w  # [slots, 1, out, in] -> [slots, out, in]
 
 
-def _stack_expand(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[slots, out, r] -> [slots * r, out]; cached while the loaded adapters stay the same."""
-    key = w.data_ptr()
+def _stack_expand(w: torch.Tensor, g: _Grouping, dtype: torch.dtype) -> torch.Tensor:
+    """The active slots of [slots, out, r] as [active * r, out]; cached while the loaded
+    adapters stay the same."""
+    key = (w.data_ptr(), tuple(g.active), dtype)
     hit = _stacked.get(key)
-    if hit is None or hit.dtype != dtype:
-        slots, width, rank = w.shape
-        hit = w.permute(0, 2, 1).reshape(slots * rank, width).to(dtype).contiguous()
+    if hit is None:
+        _, width, rank = w.shape
+        hit = w[g.active_t].permute(0, 2, 1).reshape(len(g.active) * rank, width).to(dtype)
         if _loaded is not None:  # only cache when update_metadata tells us what is loaded
             _stacked[key] = hit
     return hit
@@ -103,7 +104,7 @@ def grouped_lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: to
                         dtype: torch.dtype) -> torch.Tensor:
     """[tokens, in] x per-token slot of [slots, out, in] -> [tokens, out]; zero where index < 0."""
     w = _weights(weights)
-    slots, width, fan_in = w.shape
+    _, width, fan_in = w.shape
     x = inputs.to(dtype)
     g = _grouping(indices)
     if g.n == 0:
@@ -111,16 +112,19 @@ def grouped_lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: to
     x = x[: g.n]
     if g.single is not None:  # one adapter for the whole batch: one plain matmul
         return x @ w[g.single].to(dtype).t()
-    if g.n * slots <= DENSE_MAX_TOKEN_SLOTS:
-        keep = g.keep(dtype)
-        if width <= fan_in:  # shrink ([r, in]): every slot's projection in one matmul, then pick
-            every = x @ w.reshape(slots * width, fan_in).to(dtype).t()
-            return every.view(g.n, slots, width)[g.rows, g.cols] * keep
+    k = len(g.active)
+    if k == 0:  # base model only
+        return x.new_zeros((g.n, width))
+    if g.n * k <= DENSE_MAX_TOKEN_SLOTS:
+        if width <= fan_in:  # shrink ([r, in]): the active slots' projections in one matmul
+            wa = w if k == w.shape[0] else w[g.active_t]
+            every = x @ wa.reshape(k * width, fan_in).to(dtype).t()
+            return every.view(g.n, k, width)[g.rows, g.local] * g.keep(dtype)
         # expand ([out, r]): put each token's r-vector in its slot's block, then one matmul
-        blocks = x.unsqueeze(1) * g.place(dtype, slots)  # [n, slots, r], zero off-slot
-        return blocks.view(g.n, slots * fan_in) @ _stack_expand(w, dtype)
+        blocks = x.unsqueeze(1) * g.place(dtype)  # [n, active, r], zero off-slot
+        return blocks.view(g.n, k * fan_in) @ _stack_expand(w, g, dtype)
     out = x.new_zeros((g.n, width))
-    for slot in g.slots():
+    for slot in g.active:
         rows = (indices == slot).nonzero().squeeze(1)
         out[rows] = x[rows] @ w[slot].to(dtype).t()
     return out

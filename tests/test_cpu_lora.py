@@ -90,3 +90,18 @@ def test_sgmv_runs_expand_to_the_steps_token_indices():
         cpu_lora.sgmv_shrink(x, a, buf, None, lengths, per_run, 4, 4, 10, 2.0)
         torch.testing.assert_close(buf, 2.0 * reference(x, a, tokens))
     assert cpu_lora._token_indices(per_run, lengths) is tokens
+
+
+def test_dense_path_over_a_few_of_many_slots():
+    slots, rank, fan_in, width = 16, 8, 32, 40
+    a = torch.randn(slots, 1, rank, fan_in, dtype=torch.float64)
+    b = torch.randn(slots, 1, width, rank, dtype=torch.float64)
+    x = torch.randn(50, fan_in, dtype=torch.float64)
+    idx = torch.tensor([3, 9, -1, 9, 3] * 10)
+    cpu_lora.note_step(idx, list(range(1, 17)))
+    assert cpu_lora._grouping(idx).active == [3, 9]
+    buf = torch.zeros(50, rank, dtype=torch.float64)
+    y = torch.zeros(50, width, dtype=torch.float64)
+    cpu_lora.bgmv_shrink(x, a, buf, idx, 1.0)
+    cpu_lora.bgmv_expand(buf, b, y, idx, add_inputs=True)
+    torch.testing.assert_close(y, reference(reference(x, a, idx), b, idx))
