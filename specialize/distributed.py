@@ -13,14 +13,7 @@ model folder at the same absolute paths (NFS or similar). The driver writes a pr
 the experts dir and each task checks that it sees that very file, so a node with its own local
 folder of the same name fails with a clear message instead of publishing into a private registry.
 
-Sharding a large domain (`--shards K` or `--shards DOMAIN=K`) splits the respond stage: one task
-generates and filters the instructions, K tasks (each with its own engine) answer contiguous
-slices of the kept instructions, and a last task merges the answers in kept order, then filters,
-trains and publishes. Respond is the stage to split: every answer depends only on its own
-instruction (demos are seeded per instruction id; at the default greedy decoding the merged
-answers equal a sequential run's), whereas instruction generation is a loop whose filter must see
-every earlier kept instruction, so splitting it would change what is kept. Shards resume like the stage does (each shard appends to its own file); a resumed run must use
-the shard count it started with, which the driver checks. Round 2 answers are not sharded.
+Sharding a large domain (`--shards K`): see `specialize/shards.py`, which holds the task bodies.
 """
 
 from __future__ import annotations
@@ -44,14 +37,16 @@ from specialize.base_model import resolve_base_model
 from specialize.config import SpecializeConfig
 from specialize.engine import build_vllm_generator
 from specialize.errors import ConfigError, SelfspecError
-from specialize.filter import build_filter, filter_instructions
-from specialize.filter_responses import filter_responses
-from specialize.generate import generate_instructions
-from specialize.jsonl import read_jsonl, write_json, write_jsonl
-from specialize.pipeline import _prepare, _rebuild_router_index, _retriever, specialize
+from specialize.pipeline import rebuild_router_index
 from specialize.publish import ensure_writable
-from specialize.respond import generate_responses
 from specialize.seeds import Domain, load_domain
+from specialize.shards import (
+    finish_sharded,
+    prepare_shards,
+    respond_shard,
+    run_domain,
+    workdir_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +138,7 @@ def specialize_distributed(domains: list[str], cfg: SpecializeConfig, dcfg: Dist
     loaded = check_driver(domains, cfg, dcfg, resume, restart)
     if restart:  # after every check: a refused run discards nothing
         for d in loaded:
-            shutil.rmtree(_workdir(cfg, d.name), ignore_errors=True)
+            shutil.rmtree(workdir_of(cfg, d.name), ignore_errors=True)
 
     import ray
 
@@ -175,7 +170,7 @@ def specialize_distributed(domains: list[str], cfg: SpecializeConfig, dcfg: Dist
         if own:
             ray.shutdown()
     if outcome.results:
-        _rebuild_router_index(cfg.experts_dir)  # no-op when the last task's rebuild is fresh
+        rebuild_router_index(cfg.experts_dir)  # no-op when the last task's rebuild is fresh
     order = {d.name: i for i, d in enumerate(loaded)}
     outcome.results.sort(key=lambda r: order[r["domain"]])
     return outcome
@@ -208,7 +203,7 @@ def check_driver(domains: list[str], cfg: SpecializeConfig, dcfg: DistributedCon
         raise ConfigError(f"--corpus {corpus} is not a folder of Markdown (.md) passages")
     resolve_base_model(cfg.base_model)
     for d in [] if restart else loaded:  # --restart discards whatever the work dirs hold
-        _check_workdir(d.name, _workdir(cfg, d.name), cfg, dcfg.shards_for(d.name), resume)
+        _check_workdir(d.name, workdir_of(cfg, d.name), cfg, dcfg.shards_for(d.name), resume)
     return loaded
 
 
@@ -313,7 +308,7 @@ def _collect(finals: dict, cfg: SpecializeConfig) -> Outcome:
                           file=sys.stderr)
             except Exception as e:  # noqa: BLE001 - one domain's failure must not lose the others
                 outcome.failed[name] = reason(e)
-                logfile = _workdir(cfg, name) / "error.log"
+                logfile = workdir_of(cfg, name) / "error.log"
                 try:
                     logfile.parent.mkdir(parents=True, exist_ok=True)
                     logfile.write_text("".join(traceback.format_exception(e)))
@@ -334,123 +329,3 @@ def reason(e: BaseException) -> str:
         return str(cause)
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:400]
-
-
-# --- task bodies: plain functions (Ray wraps them at submit time; tests call them directly) ----
-
-def run_domain(domain_path: str, cfg: SpecializeConfig, make_generator, probe: Path) -> dict:
-    """The whole sequential pipeline for one domain; resume=True, so a retried task goes on."""
-    check_shared(domain_path, probe)
-    return specialize([domain_path], cfg, resume=True, make_generator=make_generator)[0]
-
-
-def prepare_shards(domain_path: str, cfg: SpecializeConfig, shards: int, make_generator,
-                   probe: Path) -> int:
-    """Sharded domain, step 1: generate and filter instructions, split the kept ones."""
-    check_shared(domain_path, probe)
-    domain = load_domain(domain_path)
-    run = _prepare(domain, _workdir(cfg, domain.name), cfg, resume=True, restart=False)
-    wd = run.workdir
-    if run.done("respond"):
-        return shards
-    if not run.done("generate"):
-        t = time.time()
-        generator = make_generator(resolve_base_model(cfg.base_model), cfg.engine)
-        try:
-            res = generate_instructions(domain, cfg.generate, build_filter(domain, cfg.filter),
-                                        generator, wd, cfg.engine.seed)
-        finally:
-            generator.close()
-        run.finish("generate", res, time.time() - t)
-    if not run.done("filter"):
-        t = time.time()
-        res = filter_instructions(domain, cfg.filter, cfg.generate.num_instructions, wd)
-        if res["kept"] == 0:
-            raise ConfigError(f"{domain.name}: the base model wrote no usable instruction in "
-                              f"{res['candidates']} candidates; see {wd}/filter/rejected.jsonl")
-        run.finish("filter", res, time.time() - t)
-    # Recorded before the split: a resumed run then refuses another shard count (driver check).
-    run.state["shards"] = shards
-    write_json(wd / "state.json", run.state)
-    # Instructions an earlier unsharded attempt already answered stay answered.
-    answered = {r["id"] for r in read_jsonl(wd / "respond" / "responses.jsonl")}
-    todo = [r for r in read_jsonl(wd / "filter" / "kept.jsonl") if r["id"] not in answered]
-    for i in range(shards):
-        part = _shard_dir(wd, i) / "filter" / "kept.jsonl"
-        if not part.exists():  # the split is a pure function of kept.jsonl: safe to redo
-            write_jsonl(part, todo[i * len(todo) // shards:(i + 1) * len(todo) // shards])
-    return shards
-
-
-def respond_shard(domain_path: str, cfg: SpecializeConfig, index: int, make_generator,
-                  _prepared: int) -> dict:
-    """Sharded domain, step 2 (K of these at once): answer one slice with its own engine."""
-    domain = load_domain(domain_path)
-    wd, sd = _workdir(cfg, domain.name), _shard_dir(_workdir(cfg, domain.name), index)
-    state = json.loads((wd / "state.json").read_text())
-    todo = read_jsonl(sd / "filter" / "kept.jsonl")
-    answered = {r["id"] for r in read_jsonl(sd / "respond" / "responses.jsonl")}
-    if "respond" in state["done"] or {r["id"] for r in todo} <= answered:
-        return {"responses": len(todo), "new": 0, "seconds": 0.0}  # no engine start for nothing
-    generator = make_generator(resolve_base_model(cfg.base_model), cfg.engine)
-    try:
-        return generate_responses(domain, cfg.respond, generator, sd, _retriever(domain, cfg))
-    finally:
-        generator.close()
-
-
-def finish_sharded(domain_path: str, cfg: SpecializeConfig, make_generator,
-                   *shard_results: dict) -> dict:
-    """Sharded domain, step 3: merge and filter the answers, then the pipeline's own train /
-    validate / publish (it finds every stage up to respond_filter done)."""
-    merge_shards(domain_path, cfg, shard_results)
-    return specialize([domain_path], cfg, resume=True, make_generator=make_generator)[0]
-
-
-def merge_shards(domain_path: str, cfg: SpecializeConfig, shard_results) -> None:
-    domain = load_domain(domain_path)
-    run = _prepare(domain, _workdir(cfg, domain.name), cfg, resume=True, restart=False)
-    wd = run.workdir
-    if not run.done("respond"):
-        kept = read_jsonl(wd / "filter" / "kept.jsonl")
-        answers = {r["id"]: r for r in read_jsonl(wd / "respond" / "responses.jsonl")}
-        for i in range(run.state["shards"]):
-            answers |= {r["id"]: r for r in
-                        read_jsonl(_shard_dir(wd, i) / "respond" / "responses.jsonl")}
-        missing = [r["id"] for r in kept if r["id"] not in answers]
-        if missing:
-            raise RuntimeError(f"{domain.name}: {len(missing)} kept instructions have no answer "
-                               f"after the shards finished (first: {missing[0]})")
-        write_jsonl(wd / "respond" / "responses.jsonl", [answers[r["id"]] for r in kept])
-        write_json(wd / "respond" / "config.json",
-                   {**cfg.respond.model_dump(mode="json"), "shards": run.state["shards"]})
-        seconds = max((r["seconds"] for r in shard_results), default=0.0)  # wall: in parallel
-        run.finish("respond", {"responses": len(kept), "shards": run.state["shards"],
-                               "new": sum(r["new"] for r in shard_results)}, seconds)
-    if not run.done("respond_filter"):
-        t = time.time()
-        res = filter_responses(cfg.responses, wd, "respond")
-        if res["kept"] == 0:
-            raise ConfigError(f"{domain.name}: every generated response was rejected; see "
-                              f"{wd}/respond_filter/rejected.jsonl")
-        run.finish("respond_filter", res, time.time() - t)
-
-
-def check_shared(domain_path: str, probe: Path) -> None:
-    """Cheap proof that this node sees the driver's experts dir and seeds (shared filesystem)."""
-    where = socket.gethostname()
-    if not probe.is_file():
-        raise ConfigError(f"node {where} does not see {probe.parent.parent}, the driver's "
-                          "experts dir: every Ray node must mount it at the same path (NFS or "
-                          "similar), or pass --experts-dir on such a shared volume")
-    if not (Path(domain_path) / "seeds.yaml").is_file():
-        raise ConfigError(f"node {where} does not see the seeds in {domain_path}: put the seeds "
-                          "on a volume every Ray node mounts at the same path")
-
-
-def _workdir(cfg: SpecializeConfig, name: str) -> Path:
-    return cfg.experts_dir / ".work" / name
-
-
-def _shard_dir(workdir: Path, index: int) -> Path:
-    return workdir / "shards" / f"{index:02d}"

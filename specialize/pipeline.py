@@ -63,7 +63,7 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         raise ConfigError(f"--corpus {corpus} is not a folder of Markdown (.md) passages")
     base_path = resolve_base_model(cfg.base_model)
     # Work dirs only now: a run that failed a check above leaves nothing to --resume.
-    runs = [_prepare(d, experts_dir / ".work" / d.name, cfg, resume, restart) for d in loaded]
+    runs = [prepare_run(d, experts_dir / ".work" / d.name, cfg, resume, restart) for d in loaded]
 
     # --- phase 1: the base model writes instructions and answers them -------------------------
     need = [r for r in runs if not r.done("respond_filter")]
@@ -111,11 +111,11 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         summary["path"] = str(experts_dir / entry.path)
         shutil.rmtree(run.workdir, ignore_errors=True)
         results.append(summary)
-    _rebuild_router_index(experts_dir)
+    rebuild_router_index(experts_dir)
     return results
 
 
-def _rebuild_router_index(experts_dir: Path) -> None:
+def rebuild_router_index(experts_dir: Path) -> None:
     """Publishing changes the experts, so the router index beside the registry is rebuilt now
     (not on the first request). The experts are already published: a failure here only warns,
     and the router rebuilds the stale index itself when it next loads."""
@@ -127,8 +127,8 @@ def _rebuild_router_index(experts_dir: Path) -> None:
         log.warning("router index not rebuilt (%s); `selfspec route` will rebuild it", e)
 
 
-def _prepare(domain: Domain, workdir: Path, cfg: SpecializeConfig, resume: bool,
-             restart: bool) -> DomainRun:
+def prepare_run(domain: Domain, workdir: Path, cfg: SpecializeConfig, resume: bool,
+                restart: bool) -> DomainRun:
     run = DomainRun(domain, workdir)
     state_path = workdir / "state.json"
     if workdir.exists() and restart:
@@ -149,6 +149,19 @@ def _prepare(domain: Domain, workdir: Path, cfg: SpecializeConfig, resume: bool,
 
 
 def _generate_data(run: DomainRun, cfg: SpecializeConfig, generator: Generator) -> None:
+    write_instructions(run, cfg, generator)
+    if not run.done("respond"):
+        t = time.time()
+        res = generate_responses(run.domain, cfg.respond, generator, run.workdir,
+                                 retriever_for(run.domain, cfg))
+        run.finish("respond", res, time.time() - t)
+    filter_answers(run, cfg)
+
+
+def write_instructions(run: DomainRun, cfg: SpecializeConfig,
+                       generator: Generator | None) -> None:
+    """Stages 1-2: generate, then filter. `generator` is only used (and may be None) when
+    generation is already done."""
     d, wd = run.domain, run.workdir
     if not run.done("generate"):
         t = time.time()
@@ -162,20 +175,20 @@ def _generate_data(run: DomainRun, cfg: SpecializeConfig, generator: Generator) 
             raise ConfigError(f"{d.name}: the base model wrote no usable instruction in "
                               f"{res['candidates']} candidates; see {wd}/filter/rejected.jsonl")
         run.finish("filter", res, time.time() - t)
-    if not run.done("respond"):
-        t = time.time()
-        res = generate_responses(d, cfg.respond, generator, wd, _retriever(d, cfg))
-        run.finish("respond", res, time.time() - t)
+
+
+def filter_answers(run: DomainRun, cfg: SpecializeConfig) -> None:
+    """Stage 4 over the respond stage's answers."""
     if not run.done("respond_filter"):
         t = time.time()
-        res = filter_responses(cfg.responses, wd, "respond")
+        res = filter_responses(cfg.responses, run.workdir, "respond")
         if res["kept"] == 0:
-            raise ConfigError(f"{d.name}: every generated response was rejected; see "
-                              f"{wd}/respond_filter/rejected.jsonl")
+            raise ConfigError(f"{run.domain.name}: every generated response was rejected; see "
+                              f"{run.workdir}/respond_filter/rejected.jsonl")
         run.finish("respond_filter", res, time.time() - t)
 
 
-def _retriever(domain: Domain, cfg: SpecializeConfig):
+def retriever_for(domain: Domain, cfg: SpecializeConfig):
     corpus = cfg.respond.corpus or domain.corpus_dir
     if cfg.respond.retrieval == "none" or corpus is None:
         return None
@@ -202,7 +215,7 @@ def _respond_round2(run: DomainRun, cfg: SpecializeConfig, generator: Generator,
     if not run.done("respond2"):
         t = time.time()
         res = generate_responses(run.domain, cfg.respond, generator, run.workdir,
-                                 _retriever(run.domain, cfg), adapter=adapter, stage="respond2")
+                                 retriever_for(run.domain, cfg), adapter=adapter, stage="respond2")
         run.finish("respond2", res, time.time() - t)
     if not run.done("respond2_filter"):
         t = time.time()

@@ -17,17 +17,15 @@ from specialize.distributed import (
     build_distributed_config,
     check_driver,
     check_fits,
-    merge_shards,
-    prepare_shards,
     reason,
     resolve_resources,
-    respond_shard,
     specialize_distributed,
 )
 from specialize.errors import ConfigError, RegistryError, SeedError, UnknownDomainError
 from specialize.jsonl import read_jsonl
 from specialize.respond import generate_responses
 from specialize.seeds import load_domain
+from specialize.shards import check_shared, merge_shards, prepare_shards, respond_shard
 from tests.conftest import FakeGenerator, write_domain
 
 
@@ -185,12 +183,12 @@ def test_paths_made_absolute_for_other_nodes(tmp_path, base, monkeypatch):
 def test_task_refuses_a_node_without_the_shared_dir(tmp_path, seeds):
     probe = tmp_path / "experts" / ".work" / ".probe-x"
     with pytest.raises(ConfigError, match="must mount it at the same path"):
-        distributed.check_shared(str(seeds / "alpha"), probe)
+        check_shared(str(seeds / "alpha"), probe)
     probe.parent.mkdir(parents=True)
     probe.write_text("driver")
-    distributed.check_shared(str(seeds / "alpha"), probe)
+    check_shared(str(seeds / "alpha"), probe)
     with pytest.raises(ConfigError, match="does not see the seeds"):
-        distributed.check_shared(str(tmp_path / "elsewhere"), probe)
+        check_shared(str(tmp_path / "elsewhere"), probe)
 
 
 # --- CLI -------------------------------------------------------------------------------------
