@@ -192,7 +192,7 @@ def test_demo_ports_leave_rays_defaults_alone():
 
 
 def test_demo_counts_failures_by_phase():
-    from serve.cluster_demo import Result, phases, summary_line
+    from serve.cluster_stream import Result, phases, summary_line
 
     def r(i, t0, t1, ok):
         return Result(i, "auto", t0, t1, ok, 200 if ok else 500, None, None)
