@@ -21,9 +21,10 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(cpu_lora, "_prefill", None)
 
 
-@pytest.mark.parametrize("tokens", [5, 64, 3000])  # 3000 x 4 slots takes the looped path
+@pytest.mark.parametrize("tokens", [5, 64, 3000])  # 3000 x 4 slots: over the limit set below
 @pytest.mark.parametrize("kind", ["single", "mixed", "with_base", "all_base"])
-def test_shrink_then_expand_matches_per_token_reference(tokens, kind):
+def test_shrink_then_expand_matches_per_token_reference(tokens, kind, monkeypatch):
+    monkeypatch.setattr(cpu_lora, "DENSE_MAX_TOKEN_SLOTS", 8192)  # the looped path too
     g = torch.Generator().manual_seed(tokens)
     slots, rank, fan_in, width = 4, 8, 48, 80
     a = torch.randn(slots, 1, rank, fan_in, generator=g, dtype=torch.float64)

@@ -1,0 +1,176 @@
+"""A whole LoRA layer in two or three torch ops, for vLLM's CPU backend (part of the
+`serve.cpu_lora` plugin).
+
+vLLM's CPU punica wrapper applies a LoRA'd linear slice by slice: allocate an fp32 buffer, then per
+slice a shrink op and an expand op, each of which casts, indexes and scales. On a small model the
+matmuls are tiny and that op count is the cost: ~40 ops for `qkv_proj`, in each of ~150 LoRA
+layers, every step. It also made a batch mixed over several adapters slower than one adapter,
+because every extra op ran once per adapter present.
+
+Here, over the adapters present in the step (`active`, k of them) and the layer's S slices:
+
+    wide = x @ A_all        A_all: [in, S*k*r], every slice's and active slot's A side by side
+    wide *= mask            mask:  [tokens, S*k*r], 1 on each token's own slot, 0 elsewhere and
+                                   on base-model tokens (skipped when one adapter has them all)
+    y   += wide @ B_all     B_all: [S*k*r, sum(out)], block-diagonal over slices, stacked slots
+
+so a mixed batch costs one elementwise op more than a single-adapter one, whatever k is. The
+masked-off blocks are extra FLOPs: at rank 8 and decode-sized batches they are far cheaper than
+the ops they replace, and batches with more than `cpu_lora.DENSE_MAX_TOKEN_SLOTS` token-slot
+pairs (long prefills over many adapters) keep the per-slice path.
+
+`o_proj` and `down_proj` (row-parallel) call shrink and expand separately through a buffer, so
+those two get the same treatment in two halves, the masked product carried from one to the other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve import cpu_lora
+
+_fused: dict = {}  # A_all / B_all per layer, dropped when a slot's adapter changes
+_carry: tuple | None = None  # (buffer data_ptr, shape, masked product): add_shrink -> add_expand
+_tp: int | None = None
+
+
+def _tensor_parallel() -> int:
+    global _tp
+    if _tp is None:
+        try:
+            from vllm.distributed import get_tensor_model_parallel_world_size
+            _tp = get_tensor_model_parallel_world_size()
+        except Exception:  # no vLLM parallel state (tests): write the buffer, the safe choice
+            return 2
+    return _tp
+
+
+def _fusable(g: cpu_lora._Grouping) -> bool:
+    return bool(g.active) and (g.single is not None
+                               or g.n * len(g.active) <= cpu_lora.DENSE_MAX_TOKEN_SLOTS)
+
+
+def _slots(g: cpu_lora._Grouping) -> list[int]:
+    return [g.single] if g.single is not None else g.active
+
+
+def _cached(key: tuple, build) -> torch.Tensor:
+    if cpu_lora._loaded is None:  # tests and odd callers: no step announced, nothing to trust
+        return build()
+    if _fused.get("loaded") != cpu_lora._loaded:  # a slot now holds another adapter
+        _fused.clear()
+        _fused["loaded"] = cpu_lora._loaded
+    hit = _fused.get(key)
+    if hit is None:
+        hit = _fused[key] = build()
+    return hit
+
+
+def a_all(lora_a: tuple[torch.Tensor, ...], slots: list[int], dtype) -> torch.Tensor:
+    """[in, S*k*r]: column block (s, j) is slice s's A for slot j, transposed."""
+    def build():
+        cols = [cpu_lora._weights(a)[slots].reshape(-1, a.shape[-1]) for a in lora_a]
+        return torch.cat(cols).to(dtype).t().contiguous()
+    return _cached(("a", tuple(a.data_ptr() for a in lora_a), tuple(slots), dtype), build)
+
+
+def b_all(lora_b: tuple[torch.Tensor, ...], slots: list[int], widths: tuple[int, ...],
+          dtype) -> torch.Tensor:
+    """[S*k*r, sum(widths)]: slice s's rows hold its slots' B^T in its own output columns."""
+    def build():
+        rank = lora_b[0].shape[-1]
+        k = len(slots)
+        out = torch.zeros(len(lora_b) * k * rank, sum(widths), dtype=dtype)
+        col = 0
+        for s, (b, width) in enumerate(zip(lora_b, widths)):
+            w = cpu_lora._weights(b)[slots][:, :width]  # [k, out, r]
+            out[s * k * rank:(s + 1) * k * rank, col:col + w.shape[1]] = (
+                w.permute(0, 2, 1).reshape(k * rank, w.shape[1]))
+            col += width
+        return out
+    return _cached(("b", tuple(b.data_ptr() for b in lora_b), tuple(slots), widths, dtype), build)
+
+
+def mask(g: cpu_lora._Grouping, slices: int, rank: int, dtype) -> torch.Tensor:
+    """[tokens, S*k*r] ones on each adapter token's own slot in every slice; zero rows for base."""
+    key = ("mask", slices, rank, dtype)
+    hit = g.cache.get(key)
+    if hit is None:
+        place = g.place(dtype)  # [n, k, 1]
+        hit = place.unsqueeze(1).expand(g.n, slices, len(g.active), rank).reshape(g.n, -1)
+        g.cache[key] = hit = hit.contiguous()
+    return hit
+
+
+def add_lora_linear(wrapper, original, y, x, lora_a_stacked, lora_b_stacked, scale,
+                    output_slices, *, buffer=None, **kwargs):
+    g = cpu_lora._grouping(wrapper.token_lora_indices)
+    if g.n and not g.active:
+        return None  # base model only: nothing to add (vLLM's ops would still run)
+    if not cpu_lora.FUSED or not _fusable(g):
+        return original(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                        buffer=buffer, **kwargs)
+    slots = _slots(g)
+    rank = lora_a_stacked[0].shape[-2]
+    x = x.view(-1, x.shape[-1])[: g.n].to(y.dtype)
+    wide = x @ a_all(lora_a_stacked, slots, y.dtype)
+    if g.single is None:
+        wide.mul_(mask(g, len(lora_a_stacked), rank, y.dtype))
+    if scale != 1.0:
+        wide.mul_(scale)
+    rows = y.view(-1, y.shape[-1])[: g.n, : sum(output_slices)]
+    rows.addmm_(wide, b_all(lora_b_stacked, slots, tuple(output_slices), y.dtype))
+    return None
+
+
+def add_shrink(wrapper, original, y, x, lora_a_stacked, scale, **kwargs):
+    """y[s][t] = scale * A_s[slot(t)] @ x[t] for the row-parallel layers' buffer [S, T, r].
+
+    Without tensor parallelism the buffer goes straight from here to add_expand, so the masked
+    [tokens, S*k*r] product is handed over as it is (`_carry`) and the buffer is left unwritten:
+    that skips narrowing each token to its own slot here only to spread it back out there."""
+    global _carry
+    g = cpu_lora._grouping(wrapper.token_lora_indices)
+    if not cpu_lora.FUSED or not _fusable(g) or not isinstance(y, torch.Tensor):
+        return original(wrapper, y, x, lora_a_stacked, scale, **kwargs)
+    slots = _slots(g)
+    slices, rank = len(lora_a_stacked), lora_a_stacked[0].shape[-2]
+    x = x.view(-1, x.shape[-1])[: g.n]
+    wide = x @ a_all(lora_a_stacked, slots, x.dtype)  # [n, S*k*r]
+    if g.single is None:
+        wide.mul_(mask(g, slices, rank, x.dtype))
+    if scale != 1.0:
+        wide.mul_(scale)
+    if _tensor_parallel() == 1:
+        _carry = (y.data_ptr(), tuple(y.shape), wide)
+        return None
+    _carry = None
+    if g.single is None:  # keep each token's own slot: [n, S, k, r] -> [n, S, r]
+        wide = wide.view(g.n, slices, len(slots), rank).sum(2)
+    y[:, : g.n, :rank].copy_(wide.view(g.n, slices, rank).transpose(0, 1))
+    return None
+
+
+def add_expand(wrapper, original, y, x, lora_b_stacked, output_slices, offset_start=0,
+               add_inputs=True, **kwargs):
+    """y[t, offset_s:...] += B_s[slot(t)] @ x[s][t], from the buffer add_shrink filled."""
+    g = cpu_lora._grouping(wrapper.token_lora_indices)
+    if (not cpu_lora.FUSED or not _fusable(g) or not isinstance(x, torch.Tensor)
+            or not add_inputs):
+        return original(wrapper, y, x, lora_b_stacked, output_slices, offset_start, add_inputs,
+                        **kwargs)
+    global _carry
+    slots = _slots(g)
+    carried, _carry = _carry, None
+    if carried is not None and carried[:2] == (x.data_ptr(), tuple(x.shape)):
+        wide = carried[2].to(y.dtype)
+    else:  # a buffer add_shrink wrote: back into each token's slot block, [n, S, k, r]
+        rank = lora_b_stacked[0].shape[-1]
+        wide = x[:, : g.n, :rank].transpose(0, 1).to(y.dtype)  # [n, S, r]
+        if g.single is None:
+            wide = wide.unsqueeze(2) * g.place(y.dtype).unsqueeze(1)
+        wide = wide.reshape(g.n, -1)
+    width = sum(output_slices)
+    rows = y.view(-1, y.shape[-1])[: g.n, offset_start: offset_start + width]
+    rows.addmm_(wide, b_all(lora_b_stacked, slots, tuple(output_slices), y.dtype))
+    return None

@@ -1,0 +1,137 @@
+"""Whole-layer LoRA on CPU (serve/cpu_lora_fused.py) against a per-token, per-slice reference:
+qkv-like layers (3 slices of different widths), row-parallel shrink-then-expand through the
+buffer, one adapter, mixed adapters, base tokens, and the fall-back for batches too big to fuse."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from serve import cpu_lora, cpu_lora_fused
+
+SLOTS, RANK, FAN_IN = 4, 8, 32
+WIDTHS = (48, 16, 16)
+
+
+def per_token(x, a, b, indices, scale=1.0):
+    """sum over slices of scale * B_s[slot] @ A_s[slot] @ x, placed in slice s's columns."""
+    out = torch.zeros(x.shape[0], sum(b_.shape[2] for b_ in b), dtype=x.dtype)
+    for t, slot in enumerate(indices.tolist()):
+        if slot < 0:
+            continue
+        col = 0
+        for a_s, b_s in zip(a, b):
+            width = b_s.shape[2]
+            out[t, col:col + width] = scale * (b_s[slot, 0] @ (a_s[slot, 0] @ x[t]))
+            col += width
+    return out
+
+
+def never(*args, **kwargs):
+    raise AssertionError("the fused path should have handled this step")
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(cpu_lora, "_step", None)
+    monkeypatch.setattr(cpu_lora, "_loaded", None)
+    monkeypatch.setattr(cpu_lora, "_stacked", {})
+    monkeypatch.setattr(cpu_lora, "_prefill", None)
+    monkeypatch.setattr(cpu_lora_fused, "_fused", {})
+    monkeypatch.setattr(cpu_lora_fused, "_carry", None)
+
+
+def layer(seed, slices=WIDTHS):
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(SLOTS, 1, RANK, FAN_IN, generator=g, dtype=torch.float64)
+              for _ in slices)
+    b = tuple(torch.randn(SLOTS, 1, w, RANK, generator=g, dtype=torch.float64) for w in slices)
+    return a, b
+
+
+def step(kind, tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = {"single": torch.full((tokens,), 2),
+           "mixed": torch.randint(0, SLOTS, (tokens,), generator=g),
+           "with_base": torch.randint(-1, SLOTS, (tokens,), generator=g),
+           "one_with_base": torch.tensor([1, -1] * (tokens // 2) + [1] * (tokens % 2))}[kind]
+    cpu_lora.note_step(idx, [1, 2, 3, 4])
+    return SimpleNamespace(token_lora_indices=idx), idx
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("kind", ["single", "mixed", "with_base", "one_with_base"])
+def test_add_lora_linear_matches_reference(tokens, kind):
+    a, b = layer(tokens)
+    wrapper, idx = step(kind, tokens)
+    x = torch.randn(tokens, FAN_IN, dtype=torch.float64)
+    y = torch.randn(tokens, sum(WIDTHS), dtype=torch.float64)
+    want = y + per_token(x, a, b, idx, 0.5)
+    for _ in range(2):  # second time through the cached A_all / B_all / mask
+        got = y.clone()
+        cpu_lora_fused.add_lora_linear(wrapper, never, got, x, a, b, 0.5, WIDTHS)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])  # 1: the product skips the buffer
+@pytest.mark.parametrize("kind", ["single", "mixed", "with_base"])
+def test_row_parallel_shrink_then_expand_matches_reference(kind, tensor_parallel, monkeypatch):
+    monkeypatch.setattr(cpu_lora_fused, "_tp", tensor_parallel)
+    a, b = layer(3, slices=(40,))
+    wrapper, idx = step(kind, 9)
+    x = torch.randn(9, FAN_IN, dtype=torch.float64)
+    buffer = torch.zeros(1, 9, RANK, dtype=torch.float64)
+    cpu_lora_fused.add_shrink(wrapper, never, buffer, x, a, 1.0)
+    own = torch.stack([a[0][s, 0] @ x[t] if s >= 0 else torch.zeros(RANK, dtype=x.dtype)
+                       for t, s in enumerate(idx.tolist())])
+    if tensor_parallel > 1:  # the buffer is what crosses ranks: it must hold the shrink
+        torch.testing.assert_close(buffer[0], own)
+        buffer = buffer.clone()  # as an all-reduce would return: not the carried tensor
+    else:
+        assert cpu_lora_fused._carry is not None
+    y = torch.ones(9, 50, dtype=torch.float64)
+    cpu_lora_fused.add_expand(wrapper, never, y, buffer, b, (40,), offset_start=5)
+    torch.testing.assert_close(y[:, 5:45], 1 + per_token(x, a, b, idx))
+    assert (y[:, :5] == 1).all() and (y[:, 45:] == 1).all()
+
+
+def test_new_adapter_in_a_slot_is_used_at_once():
+    a, b = layer(5)
+    wrapper, idx = step("mixed", 16)
+    x = torch.randn(16, FAN_IN, dtype=torch.float64)
+    y = torch.zeros(16, sum(WIDTHS), dtype=torch.float64)
+    cpu_lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
+    for t in a + b:  # vLLM copies adapter 7's weights into slot 0 in place
+        t[0].normal_()
+    cpu_lora.note_step(idx, [7, 2, 3, 4])
+    y = torch.zeros(16, sum(WIDTHS), dtype=torch.float64)
+    cpu_lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
+    torch.testing.assert_close(y, per_token(x, a, b, idx))
+
+
+def test_big_mixed_batches_and_switched_off_take_the_original_path(monkeypatch):
+    a, b = layer(6)
+    wrapper, _ = step("mixed", 64)
+    calls = []
+
+    def original(*args, **kwargs):
+        calls.append(args[0])
+
+    y = torch.zeros(64, sum(WIDTHS), dtype=torch.float64)
+    x = torch.randn(64, FAN_IN, dtype=torch.float64)
+    monkeypatch.setattr(cpu_lora, "DENSE_MAX_TOKEN_SLOTS", 64)  # 64 tokens x 4 slots > 64
+    cpu_lora_fused.add_lora_linear(wrapper, original, y, x, a, b, 1.0, WIDTHS)
+    monkeypatch.setattr(cpu_lora, "DENSE_MAX_TOKEN_SLOTS", 8192)
+    monkeypatch.setattr(cpu_lora, "FUSED", False)
+    cpu_lora_fused.add_lora_linear(wrapper, original, y, x, a, b, 1.0, WIDTHS)
+    assert calls == [wrapper, wrapper]
+
+
+def test_base_only_step_adds_nothing():
+    a, b = layer(7)
+    idx = torch.full((6,), -1)
+    cpu_lora.note_step(idx, [1, 2, 3, 4])
+    y = torch.ones(6, sum(WIDTHS), dtype=torch.float64)
+    cpu_lora_fused.add_lora_linear(SimpleNamespace(token_lora_indices=idx), never, y,
+                                   torch.randn(6, FAN_IN, dtype=torch.float64), a, b, 1.0, WIDTHS)
+    assert (y == 1).all()
