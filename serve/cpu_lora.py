@@ -228,11 +228,13 @@ def register() -> None:
 def _patch_layers(cls) -> None:
     from serve import cpu_lora_fused
 
+    def patched(fused, original):
+        def method(self, *args, **kwargs):
+            return fused(self, original, *args, **kwargs)
+        return method
+
     for name in ("add_lora_linear", "add_shrink", "add_expand"):
-        def method(self, *args, _fused=getattr(cpu_lora_fused, name), _original=getattr(cls, name),
-                   **kwargs):
-            return _fused(self, _original, *args, **kwargs)
-        setattr(cls, name, method)
+        setattr(cls, name, patched(getattr(cpu_lora_fused, name), getattr(cls, name)))
 
 
 def note_step(indices: torch.Tensor, lora_index_to_id,
