@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from ray import serve
+
 from router.types import RouteChoice
 
 ERROR, RESPONSE, CHUNK, USAGE = "error", "response", "chunk", "usage"
@@ -21,6 +23,10 @@ ERROR, RESPONSE, CHUNK, USAGE = "error", "response", "chunk", "usage"
 
 class EngineClient(Protocol):
     def generate(self, kind: str, request, expert: str | None) -> AsyncIterator[tuple]: ...
+
+    async def respond(self, kind: str, request, expert: str | None) -> list[tuple]:
+        """A non-streaming request's items, all at once."""
+        ...
 
     async def catalog(self) -> dict:
         """{"base": {...}, "experts": {name: {...}}, "skipped": {name: why}, "revision": n}"""
@@ -47,6 +53,11 @@ class HandleEngine:
     def generate(self, kind, request, expert):
         return self.stream.generate.remote(kind, request, expert)
 
+    async def respond(self, kind, request, expert) -> list[tuple]:
+        # One unary call: a streamed generator costs a message per item plus its end, for a
+        # response that is whole anyway.
+        return await self.handle.respond.remote(kind, request, expert)
+
     async def catalog(self) -> dict:
         return await self.handle.catalog.remote()
 
@@ -55,11 +66,24 @@ class HandleEngine:
 
 
 class HandleRouter:
-    def __init__(self, handle):
+    """RouterClient over the router deployment's handle. Concurrent `route(text)` calls in this
+    ingress replica are gathered with Serve's batching and sent as ONE `route_many` call: a Ray
+    call costs the ingress and the router a few ms of CPU each, on the same cores as the engine,
+    so paying it per batch instead of per request is throughput the engine keeps. With no wait
+    (the default), a lone request goes at once; under load, requests arriving while a batch is
+    out form the next one. Two batches in flight let two router replicas work for one ingress."""
+
+    def __init__(self, handle, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0):
         self.handle = handle
+        self._gathered.set_max_batch_size(max_batch_size)
+        self._gathered.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def route(self, text: str) -> RouteChoice:
-        return await self.handle.route.remote(text)
+        return await self._gathered(text)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    async def _gathered(self, texts: list[str]) -> list[RouteChoice]:
+        return await self.handle.route_many.remote(list(texts))
 
     async def reload(self) -> dict:
         return await self.handle.reload.remote()

@@ -105,6 +105,10 @@ class EngineServer:
         async for item in self.backend.generate(kind, request, expert):
             yield item
 
+    async def respond(self, kind: str, request, expert: str | None) -> list[tuple]:
+        """A non-streaming request in one call: [(RESPONSE, body), (USAGE, ...)] or [(ERROR, ...)]."""
+        return [item async for item in self.generate(kind, request, expert)]
+
     async def check_health(self) -> None:
         await self.backend.check_health()
 

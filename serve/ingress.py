@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException
 from serve.clients import (
     CHUNK,
     ERROR,
-    RESPONSE,
     USAGE,
     EngineClient,
     HandleEngine,
@@ -93,16 +92,20 @@ class Service:
                 text = completion_route_text(request)
             sel = await self.selector.select(request.model, text)
             self.metrics.observe_selection(sel)
+            if not request.stream:
+                first, *rest = await self.engine.respond(kind, request, sel.expert)
+                if first[0] == ERROR:
+                    status = first[1]
+                    return JSONResponse(first[2], status_code=status, headers=sel.headers())
+                for item in rest:
+                    if item[0] == USAGE:
+                        self.metrics.observe_tokens(sel, item[1], item[2])
+                return JSONResponse(first[1], headers=sel.headers())
             items = self.engine.generate(kind, request, sel.expert)
             first = await items.__anext__()
             if first[0] == ERROR:
                 status = first[1]
                 return JSONResponse(first[2], status_code=status, headers=sel.headers())
-            if first[0] == RESPONSE:
-                async for item in items:
-                    if item[0] == USAGE:
-                        self.metrics.observe_tokens(sel, item[1], item[2])
-                return JSONResponse(first[1], headers=sel.headers())
             streaming = True
             return StreamingResponse(self._sse(first, items, sel, endpoint, t0),
                                      media_type="text/event-stream", headers=sel.headers())
@@ -221,8 +224,9 @@ def build_http_app(service: Service) -> FastAPI:
 @serve.ingress()
 class IngressServer:
     def __init__(self, engine, router, cfg: dict):
-        self.service = Service(HandleEngine(engine), HandleRouter(router),
-                               build_serve_config(cfg))
+        cfg = build_serve_config(cfg)
+        self.service = Service(HandleEngine(engine), HandleRouter(
+            router, cfg.router.max_batch_size, cfg.router.batch_wait_timeout_s), cfg)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self.service)

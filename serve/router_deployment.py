@@ -1,6 +1,6 @@
-"""The router deployment (CPU): concurrent `route(text)` calls are gathered by Serve's
-`@serve.batch` into one `Router.route_batch` call (one encoder forward for the batch), then
-answered one by one. Reloads its index when the registry changes (watch or `reload()`).
+"""The router deployment (CPU): one encoder forward per batch of queries. The ingress gathers its
+concurrent requests itself and calls `route_many(texts)` once per batch (serve/clients.py);
+single `route(text)` calls from other callers are gathered here by Serve's `@serve.batch`. Reloads its index when the registry changes (watch or `reload()`).
 
 With no experts yet, every query goes to the base model: "no expert" is a value, not an error.
 """
@@ -54,8 +54,12 @@ class RouterServer:
         return {"revision": self.revision, "experts": list(self.router.names) if self.router
                 else [], **self.stats}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def route(self, texts: list[str]) -> list[RouteChoice]:
+        return await self.route_many(texts)
+
+    async def route_many(self, texts: list[str]) -> list[RouteChoice]:
+        """A batch the caller gathered: routed in one encoder pass, answers in order."""
         self.stats["calls"] += len(texts)
         self.stats["batches"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(texts))

@@ -63,6 +63,9 @@ class FakeEngine:
         yield (RESPONSE, body)
         yield (USAGE, 5, 2)
 
+    async def respond(self, kind, request, expert):
+        return [item async for item in self.generate(kind, request, expert)]
+
     async def catalog(self):
         return json.loads(json.dumps(self.cat))
 
