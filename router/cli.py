@@ -42,6 +42,10 @@ def add_parsers(sub) -> None:
     b.add_argument("--requests", type=int, default=96, help="serving: requests per run")
     b.add_argument("--max-tokens", type=int, default=16, help="serving: tokens per answer")
     b.add_argument("--concurrency", type=int, default=32, help="serving: in flight")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="serving: alternating rounds over the setups (medians are reported)")
+    b.add_argument("--latency-pairs", type=int, default=24,
+                   help="serving: sequential auto/forced request pairs for the routing overhead")
     b.set_defaults(func=run_bench)
 
 

@@ -12,10 +12,13 @@ written to reports/bench_serving.json.
                         experts; weight memory of one engine with N experts vs N merged copies
                         (serve/bench_engine.py, in its own process)
 
-Every answer is exactly --max-tokens long (ignore_eos), so throughputs compare like with like.
-Without two experts in --experts-dir, the bench publishes two random-init LoRA adapters on the
-embedded base into a temporary registry (marked "synthetic" in the report): the numbers are
-about serving, not answer quality.
+Side by side: the stack and `vllm serve` are up at the same time and the setups run in
+alternation, --rounds times (a pause between runs lets the idle server's busy-wait end), and each
+ratio is of medians. A run of ~10 s on a shared 2-core machine varies by +-8%, so two numbers
+taken minutes apart would mostly measure the machine. Every answer is exactly --max-tokens long
+(ignore_eos), so throughputs compare like with like. Without two experts in --experts-dir, the
+bench publishes two random-init LoRA adapters on the embedded base into a temporary registry
+(marked "synthetic" in the report): the numbers are about serving, not answer quality.
 """
 
 from __future__ import annotations
@@ -78,13 +81,11 @@ def run_serving_bench(args) -> int:
 
         engine = phase("engine", lambda: bench_engine(plan, cfg, adapters, texts, args,
                                                       Path(tmp)))
-        stack = phase("stack", lambda: bench_stack(cfg, names, texts, args))
+        stack = phase("stack", lambda: bench_stack(cfg, plan, names, adapters, texts, args,
+                                                    Path(tmp)))
         chosen = stack.pop("_routed_experts")
-        base_id = str(plan.base_path)
-        jobs = list(zip(chosen, texts))  # the experts the router chose, for both baselines
-        vllm_jobs = [(base_id if e == "base" else e, t) for e, t in jobs]
-        vllm = phase("vllm_serve", lambda: bench_vllm(plan, cfg, adapters, vllm_jobs, args,
-                                                      Path(tmp)))
+        vllm = report["vllm_serve"] = stack.pop("vllm_serve")
+        jobs = list(zip(chosen, texts))  # the experts the router chose
         n_naive = min(len(jobs), max(8, args.requests // 4))  # sequential: keep it short
         naive = phase("naive_peft", lambda: run_naive_peft(
             plan.base_path, adapters, jobs[:n_naive], args.max_tokens).summary())
@@ -108,62 +109,113 @@ def run_serving_bench(args) -> int:
     return 0
 
 
-def bench_stack(cfg, names: list[str], texts: list[str], args) -> dict:
+QUIET_S = 2.0  # vLLM's processes busy-wait for 1 s after their last step
+
+
+def bench_stack(cfg, plan, names: list[str], adapters: dict[str, Path], texts: list[str], args,
+                tmp: Path) -> dict:
+    """The stack and plain `vllm serve` up together; base, one expert, mixed, auto and vllm serve
+    measured in alternation for --rounds rounds; then the sequential routing latency."""
     import ray
     from ray import serve
 
     from serve.app import build_app
 
+    vport = free_port()
+    cmd = vllm_serve_command(plan.base_path, adapters, vport, plan, cfg)
+    proc = start_vllm_serve(cmd, tmp / "vllm_serve.log", cfg.engine.kv_cache_gib)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url, vurl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vport}/v1"
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg.model_dump(mode="json")), name="bench", route_prefix="/")
-        load = lambda jobs: run_load(f"{url}/v1", KEY, jobs, args.max_tokens,
-                                     args.concurrency)
-        load([(n, t) for n in names for t in texts[:4]])  # warm-up: every adapter, compiled
-        out = {"base": load([("base", t) for t in texts]).summary(),
-               "single": load([(names[0], t) for t in texts]).summary(),
-               "mixed": load([(names[i % len(names)], t) for i, t in enumerate(texts)])
-               .summary()}
-        routed = load([("auto", t) for t in texts])
-        out["routed"] = routed.summary()
-        out["routed"]["experts"] = {e: routed.experts.count(e) for e in set(routed.experts)}
-        out["_routed_experts"] = routed.experts
-        out["latency"] = routing_latency(url, texts, routed.experts, args.max_tokens)
+        wait_http(f"{vurl}/models", 600, proc)
+        stack_load = lambda jobs: run_load(f"{url}/v1", KEY, jobs, args.max_tokens,
+                                           args.concurrency)
+        vllm_load = lambda jobs: run_load(vurl, "none", jobs, args.max_tokens, args.concurrency)
+        warm = [(n, t) for n in names for t in texts[:4]]  # every adapter, shapes compiled
+        stack_load(warm)
+        vllm_load(warm)
+        setups = {"routed": [("auto", t) for t in texts],
+                  "single": [(names[0], t) for t in texts],
+                  "mixed": [(names[i % len(names)], t) for i, t in enumerate(texts)],
+                  "base": [("base", t) for t in texts]}
+        runs: dict[str, list] = {name: [] for name in ("routed", "vllm_serve", *list(setups)[1:])}
+        chosen = None
+        for _ in range(max(1, args.rounds)):
+            for name, done in runs.items():
+                time.sleep(QUIET_S)
+                if name == "vllm_serve":  # the experts the router chose, asked for by name
+                    done.append(vllm_load([(str(plan.base_path) if e == "base" else e, t)
+                                           for e, t in zip(chosen, texts)]))
+                    continue
+                done.append(stack_load(setups[name]))
+                chosen = chosen or runs["routed"][0].experts
+        out = {name: median_run(rs) for name, rs in runs.items()}
+        out["vllm_serve"]["command"] = " ".join(cmd[1:])
+        out["routed"]["experts"] = {e: chosen.count(e) for e in sorted(set(chosen))}
+        out["routed"]["same_choices_every_round"] = all(r.experts == chosen
+                                                        for r in runs["routed"])
+        out["stack_over_vllm_per_round"] = [_r(a.tokens_per_s, b.tokens_per_s) for a, b in
+                                            zip(runs["routed"], runs["vllm_serve"])]
+        out["_routed_experts"] = chosen
+        out["latency"] = routing_latency(url, texts, chosen, args.max_tokens,
+                                         args.latency_pairs)
         return out
     finally:
+        stop(proc)
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
 
 
-def routing_latency(url: str, texts: list[str], chosen: list[str], max_tokens: int) -> dict:
-    """One request at a time, auto and the same expert forced, interleaved against drift."""
+def median_run(runs: list) -> dict:
+    """The summary of the run with the median throughput, and every run's throughput."""
+    ranked = sorted(runs, key=lambda r: r.tokens_per_s)
+    out = ranked[(len(ranked) - 1) // 2].summary()
+    out["runs_tokens_per_s"] = [round(r.tokens_per_s, 2) for r in runs]
+    return out
+
+
+def routing_latency(url: str, texts: list[str], chosen: list[str], max_tokens: int,
+                    pairs: int = 24) -> dict:
+    """One request at a time, auto and the same expert forced, order alternating against
+    drift. The overhead is the median of the per-pair differences over the forced median:
+    pairing cancels what the machine did between pairs. The ingress's own routing timer over
+    the same requests says how much of the difference is the router call itself."""
     auto, forced = [], []
-    pairs = list(zip(texts, chosen))[:16]
-    for i, (text, expert) in enumerate(pairs):
+    jobs = [(texts[i % len(texts)], chosen[i % len(chosen)]) for i in range(pairs)]
+    before = _routing_timer(url)
+    for i, (text, expert) in enumerate(jobs):
         order = [("auto", auto), (expert, forced)]
         for model, into in (order if i % 2 == 0 else order[::-1]):
             into.append(run_load(f"{url}/v1", KEY, [(model, text)], max_tokens, 1).seconds)
-    med_auto, med_forced = statistics.median(auto), statistics.median(forced)
-    return {"pairs": len(pairs), "auto_p50_s": round(med_auto, 4),
-            "forced_p50_s": round(med_forced, 4),
-            "overhead": round((med_auto - med_forced) / med_forced, 4),
-            "routing_share_from_metrics": _routing_share(url, med_auto)}
+    after = _routing_timer(url)
+    calls = after[1] - before[1]
+    return latency_summary(auto, forced) | {
+        "routing_call_mean_s": round((after[0] - before[0]) / calls, 4) if calls else None}
 
 
-def _routing_share(url: str, e2e_s: float) -> float | None:
+def latency_summary(auto: list[float], forced: list[float]) -> dict:
+    med_forced = statistics.median(forced)
+    diff = statistics.median(a - f for a, f in zip(auto, forced))
+    return {"pairs": len(auto), "auto_p50_s": round(statistics.median(auto), 4),
+            "forced_p50_s": round(med_forced, 4), "paired_diff_p50_s": round(diff, 4),
+            "overhead": round(diff / med_forced, 4)}
+
+
+def _routing_timer(url: str) -> tuple[float, float]:
+    """(seconds, calls) of selfspec_routing_seconds on the ingress's /metrics."""
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/metrics") as r:
         lines = r.read().decode().splitlines()
     vals = {ln.split()[0]: float(ln.split()[1]) for ln in lines
             if ln.startswith("selfspec_routing_seconds_")}
-    n = vals.get("selfspec_routing_seconds_count", 0)
-    return round(vals["selfspec_routing_seconds_sum"] / n / e2e_s, 4) if n else None
+    return vals.get("selfspec_routing_seconds_sum", 0.0), vals.get(
+        "selfspec_routing_seconds_count", 0.0)
 
 
 def bench_engine(plan, cfg, adapters: dict[str, Path], texts: list[str], args,
@@ -185,22 +237,6 @@ def bench_engine(plan, cfg, adapters: dict[str, Path], texts: list[str], args,
         tail = (tmp / "engine.log").read_text()[-3000:]
         raise RuntimeError(f"the engine sweep failed ({code}):\n{tail}")
     return json.loads((tmp / "engine.json").read_text())
-
-
-def bench_vllm(plan, cfg, adapters, jobs, args, tmp: Path) -> dict:
-    port = free_port()
-    cmd = vllm_serve_command(plan.base_path, adapters, port, plan, cfg)
-    proc = start_vllm_serve(cmd, tmp / "vllm_serve.log", cfg.engine.kv_cache_gib)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", 600, proc)
-        url = f"http://127.0.0.1:{port}/v1"
-        run_load(url, "none", [(n, jobs[0][1]) for n in adapters], args.max_tokens,
-                 args.concurrency)  # warm-up
-        result = run_load(url, "none", jobs, args.max_tokens, args.concurrency).summary()
-        result["command"] = " ".join(cmd[1:])
-        return result
-    finally:
-        stop(proc)
 
 
 def workload(registry, n: int) -> list[str]:
