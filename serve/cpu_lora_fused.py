@@ -164,6 +164,10 @@ def add_expand(wrapper, original, y, x, lora_b_stacked, output_slices, offset_st
     carried, _carry = _carry, None
     if carried is not None and carried[:2] == (x.data_ptr(), tuple(x.shape)):
         wide = carried[2].to(y.dtype)
+    elif carried is not None:  # the buffer add_shrink left unwritten is not this one
+        raise RuntimeError("selfspec CPU LoRA: add_expand got another buffer than the one "
+                           "add_shrink just skipped; this vLLM calls them differently than "
+                           "0.32 did. Run with SELFSPEC_CPU_LORA=0 and report the version.")
     else:  # a buffer add_shrink wrote: back into each token's slot block, [n, S, k, r]
         rank = lora_b_stacked[0].shape[-1]
         wide = x[:, : g.n, :rank].transpose(0, 1).to(y.dtype)  # [n, S, r]

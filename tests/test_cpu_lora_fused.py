@@ -135,3 +135,15 @@ def test_base_only_step_adds_nothing():
     cpu_lora_fused.add_lora_linear(SimpleNamespace(token_lora_indices=idx), never, y,
                                    torch.randn(6, FAN_IN, dtype=torch.float64), a, b, 1.0, WIDTHS)
     assert (y == 1).all()
+
+
+def test_expand_refuses_a_buffer_the_shrink_did_not_fill(monkeypatch):
+    monkeypatch.setattr(cpu_lora_fused, "_tp", 1)
+    a, b = layer(8, slices=(40,))
+    wrapper, _ = step("mixed", 9)
+    buffer = torch.zeros(1, 9, RANK, dtype=torch.float64)
+    cpu_lora_fused.add_shrink(wrapper, never, buffer, torch.randn(9, FAN_IN, dtype=torch.float64),
+                              a, 1.0)
+    with pytest.raises(RuntimeError, match="SELFSPEC_CPU_LORA=0"):
+        cpu_lora_fused.add_expand(wrapper, never, torch.zeros(9, 40, dtype=torch.float64),
+                                  buffer.clone(), b, (40,))
