@@ -225,7 +225,7 @@ def bench_engine(plan, cfg, adapters: dict[str, Path], texts: list[str], args,
     spec = {"base": str(plan.base_path), "adapters": [str(p) for p in adapters.values()],
             "tmp": str(tmp / "synthetic"), "texts": texts, "max_tokens": args.max_tokens,
             "max_lora_rank": plan.max_lora_rank, "max_model_len": cfg.engine.max_model_len,
-            "max_num_seqs": cfg.engine.max_num_seqs}
+            "max_num_seqs": cfg.engine.max_num_seqs, "rounds": args.rounds}
     (tmp / "engine_spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gib),
            "VLLM_LOGGING_LEVEL": "WARNING"}
