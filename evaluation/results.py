@@ -73,10 +73,20 @@ def serving_section(r: dict, assets: str) -> list[str]:
            f" on `{Path(r['base_model']).name}`, {r['requests']} requests × {r['max_tokens']} "
            f"tokens, concurrency {r['concurrency']}; {m['cpus']} CPUs ({m.get('cpu_model', '?')}),"
            f" {m.get('versions', {}).get('vllm', '')}.", "",
-           "| setup | tokens/s | p50 latency (s) |", "|---|---|---|"]
-    out += [f"| {n} | {x['tokens_per_s']:.1f} | {x['latency_p50_s']:.2f} |" for n, x in rows]
+           "| setup | tokens/s (median) | every run | p50 latency (s) |", "|---|---|---|---|"]
+    out += [f"| {n} | {x['tokens_per_s']:.1f} | "
+            f"{', '.join(f'{v:.0f}' for v in x.get('runs_tokens_per_s', [x['tokens_per_s']]))}"
+            f" | {x['latency_p50_s']:.2f} |" for n, x in rows]
     out += ["", "| ratio | measured | target |", "|---|---|---|"]
     out += [f"| {k} | {v} | {r['targets'].get(k, '')} |" for k, v in r["ratios"].items()]
+    lat = s.get("latency", {})
+    if "stack_over_vllm_per_round" in s:
+        out += ["", f"Stack over `vllm serve` round by round: "
+                f"{', '.join(str(v) for v in s['stack_over_vllm_per_round'])}. Routing latency "
+                f"over {lat.get('pairs')} sequential pairs: auto {lat.get('auto_p50_s')} s vs "
+                f"forced {lat.get('forced_p50_s')} s (p50), median paired difference "
+                f"{lat.get('paired_diff_p50_s')} s; the router call itself averaged "
+                f"{lat.get('routing_call_mean_s')} s."]
     one = e["setups"]["experts_1"]["tokens_per_s"]
     out += ["", f"One engine ({e['cpu_lora_ops']} LoRA ops), tokens/s by distinct experts in "
             "the batch: " + ", ".join(f"{k.replace('experts_', '')}: {v['tokens_per_s']:.0f}"
