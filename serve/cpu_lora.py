@@ -99,6 +99,8 @@ def _stack_expand(w: torch.Tensor, g: _Grouping, dtype: torch.dtype) -> torch.Te
         _, width, rank = w.shape
         hit = w[g.active_t].permute(0, 2, 1).reshape(len(g.active) * rank, width).to(dtype)
         if _loaded is not None:  # only cache when update_metadata tells us what is loaded
+            if len(_stacked) >= 1024:  # every subset of adapters would pile up: start over
+                _stacked.clear()
             _stacked[key] = hit
     return hit
 

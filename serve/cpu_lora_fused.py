@@ -25,11 +25,18 @@ those two get the same treatment in two halves, the masked product carried from 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from serve import cpu_lora
 
-_fused: dict = {}  # A_all / B_all per layer, dropped when a slot's adapter changes
+# Each adapter combination seen in a step gets every layer's A_all / B_all (up to ~1 MB a layer
+# with 8 adapters); keep the most recent few, so a long-running server with many adapters does
+# not accumulate every subset of them.
+MAX_SLOT_SETS = 16
+_fused: OrderedDict[tuple, dict] = OrderedDict()  # slot set -> {layer key: tensor}
+_fused_for: tuple | None = None  # the slot -> adapter mapping they were built for
 _carry: tuple | None = None  # (buffer data_ptr, shape, masked product): add_shrink -> add_expand
 _tp: int | None = None
 
@@ -54,15 +61,23 @@ def _slots(g: cpu_lora._Grouping) -> list[int]:
     return [g.single] if g.single is not None else g.active
 
 
-def _cached(key: tuple, build) -> torch.Tensor:
+def _cached(slots: list[int], key: tuple, build) -> torch.Tensor:
+    global _fused_for
     if cpu_lora._loaded is None:  # tests and odd callers: no step announced, nothing to trust
         return build()
-    if _fused.get("loaded") != cpu_lora._loaded:  # a slot now holds another adapter
+    if _fused_for != cpu_lora._loaded:  # a slot now holds another adapter
         _fused.clear()
-        _fused["loaded"] = cpu_lora._loaded
-    hit = _fused.get(key)
+        _fused_for = cpu_lora._loaded
+    per = _fused.get(tuple(slots))
+    if per is None:
+        per = _fused[tuple(slots)] = {}
+        if len(_fused) > MAX_SLOT_SETS:
+            _fused.popitem(last=False)
+    else:
+        _fused.move_to_end(tuple(slots))
+    hit = per.get(key)
     if hit is None:
-        hit = _fused[key] = build()
+        hit = per[key] = build()
     return hit
 
 
@@ -71,7 +86,7 @@ def a_all(lora_a: tuple[torch.Tensor, ...], slots: list[int], dtype) -> torch.Te
     def build():
         cols = [cpu_lora._weights(a)[slots].reshape(-1, a.shape[-1]) for a in lora_a]
         return torch.cat(cols).to(dtype).t().contiguous()
-    return _cached(("a", tuple(a.data_ptr() for a in lora_a), tuple(slots), dtype), build)
+    return _cached(slots, ("a", tuple(a.data_ptr() for a in lora_a), dtype), build)
 
 
 def b_all(lora_b: tuple[torch.Tensor, ...], slots: list[int], widths: tuple[int, ...],
@@ -88,7 +103,7 @@ def b_all(lora_b: tuple[torch.Tensor, ...], slots: list[int], widths: tuple[int,
                 w.permute(0, 2, 1).reshape(k * rank, w.shape[1]))
             col += width
         return out
-    return _cached(("b", tuple(b.data_ptr() for b in lora_b), tuple(slots), widths, dtype), build)
+    return _cached(slots, ("b", tuple(b.data_ptr() for b in lora_b), widths, dtype), build)
 
 
 def mask(g: cpu_lora._Grouping, slices: int, rank: int, dtype) -> torch.Tensor:

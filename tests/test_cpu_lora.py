@@ -13,12 +13,7 @@ def reference(x, weights, indices):  # y[t] = W[slot(t)] @ x[t], zero for index 
                         for t, i in enumerate(indices.tolist())])
 
 
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    monkeypatch.setattr(cpu_lora, "_step", None)
-    monkeypatch.setattr(cpu_lora, "_loaded", None)
-    monkeypatch.setattr(cpu_lora, "_stacked", {})
-    monkeypatch.setattr(cpu_lora, "_prefill", None)
+pytestmark = pytest.mark.usefixtures("fresh_cpu_lora")
 
 
 @pytest.mark.parametrize("tokens", [5, 64, 3000])  # 3000 x 4 slots: over the limit set below

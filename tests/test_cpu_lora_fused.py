@@ -31,14 +31,7 @@ def never(*args, **kwargs):
     raise AssertionError("the fused path should have handled this step")
 
 
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    monkeypatch.setattr(cpu_lora, "_step", None)
-    monkeypatch.setattr(cpu_lora, "_loaded", None)
-    monkeypatch.setattr(cpu_lora, "_stacked", {})
-    monkeypatch.setattr(cpu_lora, "_prefill", None)
-    monkeypatch.setattr(cpu_lora_fused, "_fused", {})
-    monkeypatch.setattr(cpu_lora_fused, "_carry", None)
+pytestmark = pytest.mark.usefixtures("fresh_cpu_lora")
 
 
 def layer(seed, slices=WIDTHS):
@@ -147,3 +140,17 @@ def test_expand_refuses_a_buffer_the_shrink_did_not_fill(monkeypatch):
     with pytest.raises(RuntimeError, match="SELFSPEC_CPU_LORA=0"):
         cpu_lora_fused.add_expand(wrapper, never, torch.zeros(9, 40, dtype=torch.float64),
                                   buffer.clone(), b, (40,))
+
+
+def test_weights_are_kept_for_a_bounded_number_of_adapter_combinations(monkeypatch):
+    monkeypatch.setattr(cpu_lora_fused, "MAX_SLOT_SETS", 3)
+    a, b = layer(9)
+    x = torch.randn(4, FAN_IN, dtype=torch.float64)
+    for pair in ([0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [0, 1]):
+        idx = torch.tensor(pair * 2)
+        cpu_lora.note_step(idx, [1, 2, 3, 4])
+        y = torch.zeros(4, sum(WIDTHS), dtype=torch.float64)
+        cpu_lora_fused.add_lora_linear(SimpleNamespace(token_lora_indices=idx), never, y, x, a,
+                                       b, 1.0, WIDTHS)
+        torch.testing.assert_close(y, per_token(x, a, b, idx))
+    assert list(cpu_lora_fused._fused) == [(1, 2), (1, 3), (0, 1)]  # least recent dropped
