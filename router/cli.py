@@ -3,6 +3,7 @@ sentence-transformers and FAISS load inside the run functions."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -39,12 +40,12 @@ def add_parsers(sub) -> None:
     b.add_argument("--encoder", default=None)
     b.add_argument("--sizes", default="1000,2000,4000,8000,16000,32000",
                    help="exemplar counts for the exact-vs-HNSW crossover (comma-separated)")
-    b.add_argument("--requests", type=int, default=96, help="serving: requests per run")
-    b.add_argument("--max-tokens", type=int, default=16, help="serving: tokens per answer")
-    b.add_argument("--concurrency", type=int, default=32, help="serving: in flight")
-    b.add_argument("--rounds", type=int, default=3,
+    b.add_argument("--requests", type=_at_least_1, default=96, help="serving: requests per run")
+    b.add_argument("--max-tokens", type=_at_least_1, default=16, help="serving: tokens per answer")
+    b.add_argument("--concurrency", type=_at_least_1, default=32, help="serving: in flight")
+    b.add_argument("--rounds", type=_at_least_1, default=3,
                    help="serving: alternating rounds over the setups (medians are reported)")
-    b.add_argument("--latency-pairs", type=int, default=24,
+    b.add_argument("--latency-pairs", type=_at_least_1, default=24,
                    help="serving: sequential auto/forced request pairs for the routing overhead")
     b.set_defaults(func=run_bench)
 
@@ -163,6 +164,16 @@ def _run_eval(args) -> int:
         print(format_report(ev.metrics))
         print(f"\nwrote {cm}, {sw}, {args.out / 'route_eval.json'}")
     return 0
+
+
+def _at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 def run_bench(args) -> int:

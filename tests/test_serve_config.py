@@ -194,6 +194,11 @@ def test_cli_wires_serve_up_and_bench_serving():
     a = p.parse_args(["bench", "serving", "--requests", "8"])
     assert a.target == "serving" and a.requests == 8
     assert p.parse_args(["bench", "router"]).target == "router"  # router/cli.py's still works
+    a = p.parse_args(["bench", "serving", "--rounds", "5", "--latency-pairs", "8"])
+    assert (a.rounds, a.latency_pairs) == (5, 8)
+    for bad in (["--rounds", "0"], ["--concurrency", "-3"], ["--max-tokens", "many"]):
+        with pytest.raises(SystemExit):  # argparse: a one-line usage error, nothing started
+            p.parse_args(["bench", "serving", *bad])
 
 
 def test_deploy_settings_read_the_yaml_and_flags_win(tmp_path):
