@@ -1,6 +1,7 @@
 """The router deployment (CPU): one encoder forward per batch of queries. The ingress gathers its
 concurrent requests itself and calls `route_many(texts)` once per batch (serve/clients.py);
-single `route(text)` calls from other callers are gathered here by Serve's `@serve.batch`. Reloads its index when the registry changes (watch or `reload()`).
+single `route(text)` calls from other callers are gathered here by Serve's `@serve.batch`.
+Reloads its index when the registry changes (watch or `reload()`).
 
 With no experts yet, every query goes to the base model: "no expert" is a value, not an error.
 """
