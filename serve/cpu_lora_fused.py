@@ -61,7 +61,7 @@ def _slots(g: cpu_lora._Grouping) -> list[int]:
     return [g.single] if g.single is not None else g.active
 
 
-def _cached(slots: list[int], key: tuple, build) -> torch.Tensor:
+def _cached(slots: list[int], key: tuple, build):
     global _fused_for
     if cpu_lora._loaded is None:  # tests and odd callers: no step announced, nothing to trust
         return build()
@@ -81,29 +81,42 @@ def _cached(slots: list[int], key: tuple, build) -> torch.Tensor:
     return hit
 
 
-def a_all(lora_a: tuple[torch.Tensor, ...], slots: list[int], dtype) -> torch.Tensor:
-    """[in, S*k*r]: column block (s, j) is slice s's A for slot j, transposed."""
+def used_rank(lora_a: tuple[torch.Tensor, ...], slots: list[int]) -> int:
+    """The rank rows these slots' adapters use in this layer: vLLM pads every adapter to
+    max_lora_rank with zero rows (a rank-8 expert in a max_lora_rank=16 engine, or headroom kept
+    for hot-added experts), and those rows are half or more of the dense matmuls' work."""
     def build():
-        cols = [cpu_lora._weights(a)[slots].reshape(-1, a.shape[-1]) for a in lora_a]
+        rows = torch.stack([(cpu_lora._weights(a)[slots] != 0).any(-1).any(0) for a in lora_a])
+        nonzero = rows.any(0).nonzero()
+        return int(nonzero[-1]) + 1 if len(nonzero) else 1
+    return _cached(slots, ("rank", tuple(a.data_ptr() for a in lora_a)), build)
+
+
+def a_all(lora_a: tuple[torch.Tensor, ...], slots: list[int], rank: int,
+          dtype) -> torch.Tensor:
+    """[in, S*k*rank]: column block (s, j) is slice s's A for slot j (its first `rank` rows),
+    transposed."""
+    def build():
+        cols = [cpu_lora._weights(a)[slots][:, :rank].reshape(-1, a.shape[-1]) for a in lora_a]
         return torch.cat(cols).to(dtype).t().contiguous()
-    return _cached(slots, ("a", tuple(a.data_ptr() for a in lora_a), dtype), build)
+    return _cached(slots, ("a", tuple(a.data_ptr() for a in lora_a), rank, dtype), build)
 
 
 def b_all(lora_b: tuple[torch.Tensor, ...], slots: list[int], widths: tuple[int, ...],
-          dtype) -> torch.Tensor:
-    """[S*k*r, sum(widths)]: slice s's rows hold its slots' B^T in its own output columns."""
+          rank: int, dtype) -> torch.Tensor:
+    """[S*k*rank, sum(widths)]: slice s's rows hold its slots' B^T in its own output columns."""
     def build():
-        rank = lora_b[0].shape[-1]
         k = len(slots)
         out = torch.zeros(len(lora_b) * k * rank, sum(widths), dtype=dtype)
         col = 0
         for s, (b, width) in enumerate(zip(lora_b, widths)):
-            w = cpu_lora._weights(b)[slots][:, :width]  # [k, out, r]
+            w = cpu_lora._weights(b)[slots][:, :width, :rank]  # [k, out, rank]
             out[s * k * rank:(s + 1) * k * rank, col:col + w.shape[1]] = (
                 w.permute(0, 2, 1).reshape(k * rank, w.shape[1]))
             col += width
         return out
-    return _cached(slots, ("b", tuple(b.data_ptr() for b in lora_b), widths, dtype), build)
+    key = ("b", tuple(b.data_ptr() for b in lora_b), widths, rank, dtype)
+    return _cached(slots, key, build)
 
 
 def mask(g: cpu_lora._Grouping, slices: int, rank: int, dtype) -> torch.Tensor:
@@ -126,15 +139,15 @@ def add_lora_linear(wrapper, original, y, x, lora_a_stacked, lora_b_stacked, sca
         return original(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                         buffer=buffer, **kwargs)
     slots = _slots(g)
-    rank = lora_a_stacked[0].shape[-2]
+    rank = used_rank(lora_a_stacked, slots)
     x = x.view(-1, x.shape[-1])[: g.n].to(y.dtype)
-    wide = x @ a_all(lora_a_stacked, slots, y.dtype)
+    wide = x @ a_all(lora_a_stacked, slots, rank, y.dtype)
     if g.single is None:
         wide.mul_(mask(g, len(lora_a_stacked), rank, y.dtype))
     if scale != 1.0:
         wide.mul_(scale)
     rows = y.view(-1, y.shape[-1])[: g.n, : sum(output_slices)]
-    rows.addmm_(wide, b_all(lora_b_stacked, slots, tuple(output_slices), y.dtype))
+    rows.addmm_(wide, b_all(lora_b_stacked, slots, tuple(output_slices), rank, y.dtype))
     return None
 
 
@@ -149,15 +162,19 @@ def add_shrink(wrapper, original, y, x, lora_a_stacked, scale, **kwargs):
     if not cpu_lora.FUSED or not _fusable(g) or not isinstance(y, torch.Tensor):
         return original(wrapper, y, x, lora_a_stacked, scale, **kwargs)
     slots = _slots(g)
-    slices, rank = len(lora_a_stacked), lora_a_stacked[0].shape[-2]
+    slices = len(lora_a_stacked)
+    # Handed over (below): only the rows the adapters use. Written to the buffer: all of them,
+    # in vLLM's layout.
+    carry = _tensor_parallel() == 1
+    rank = used_rank(lora_a_stacked, slots) if carry else lora_a_stacked[0].shape[-2]
     x = x.view(-1, x.shape[-1])[: g.n]
-    wide = x @ a_all(lora_a_stacked, slots, x.dtype)  # [n, S*k*r]
+    wide = x @ a_all(lora_a_stacked, slots, rank, x.dtype)  # [n, S*k*rank]
     if g.single is None:
         wide.mul_(mask(g, slices, rank, x.dtype))
     if scale != 1.0:
         wide.mul_(scale)
-    if _tensor_parallel() == 1:
-        _carry = (y.data_ptr(), tuple(y.shape), wide)
+    if carry:
+        _carry = (y.data_ptr(), tuple(y.shape), wide, rank)
         return None
     _carry = None
     if g.single is None:  # keep each token's own slot: [n, S, k, r] -> [n, S, r]
@@ -177,19 +194,19 @@ def add_expand(wrapper, original, y, x, lora_b_stacked, output_slices, offset_st
     global _carry
     slots = _slots(g)
     carried, _carry = _carry, None
+    rank = lora_b_stacked[0].shape[-1]
     if carried is not None and carried[:2] == (x.data_ptr(), tuple(x.shape)):
-        wide = carried[2].to(y.dtype)
+        wide, rank = carried[2].to(y.dtype), carried[3]
     elif carried is not None:  # the buffer add_shrink left unwritten is not this one
         raise RuntimeError("selfspec CPU LoRA: add_expand got another buffer than the one "
                            "add_shrink just skipped; this vLLM calls them differently than "
                            "0.32 did. Run with SELFSPEC_CPU_LORA=0 and report the version.")
     else:  # a buffer add_shrink wrote: back into each token's slot block, [n, S, k, r]
-        rank = lora_b_stacked[0].shape[-1]
         wide = x[:, : g.n, :rank].transpose(0, 1).to(y.dtype)  # [n, S, r]
         if g.single is None:
             wide = wide.unsqueeze(2) * g.place(y.dtype).unsqueeze(1)
         wide = wide.reshape(g.n, -1)
     width = sum(output_slices)
     rows = y.view(-1, y.shape[-1])[: g.n, offset_start: offset_start + width]
-    rows.addmm_(wide, b_all(lora_b_stacked, slots, tuple(output_slices), y.dtype))
+    rows.addmm_(wide, b_all(lora_b_stacked, slots, tuple(output_slices), rank, y.dtype))
     return None

@@ -154,3 +154,42 @@ def test_weights_are_kept_for_a_bounded_number_of_adapter_combinations(monkeypat
                                        b, 1.0, WIDTHS)
         torch.testing.assert_close(y, per_token(x, a, b, idx))
     assert list(cpu_lora_fused._fused) == [(1, 2), (1, 3), (0, 1)]  # least recent dropped
+
+
+def padded(seed, ranks, slices=WIDTHS):
+    """A layer whose slot j holds a rank-ranks[j] adapter padded with zero rows to RANK, the
+    way vLLM stores an adapter smaller than max_lora_rank."""
+    a, b = layer(seed, slices)
+    for slot, r in enumerate(ranks):
+        for t in a:
+            t[slot, :, r:] = 0
+        for t in b:
+            t[slot, :, :, r:] = 0
+    return a, b
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_padded_rank_rows_are_left_out_and_results_unchanged(tensor_parallel, monkeypatch):
+    monkeypatch.setattr(cpu_lora_fused, "_tp", tensor_parallel)
+    a, b = padded(10, ranks=(3, 5, RANK, 2))
+    idx = torch.tensor([0, 1, -1, 0, 1, 1])
+    cpu_lora.note_step(idx, [1, 2, 3, 4])
+    wrapper = SimpleNamespace(token_lora_indices=idx)
+    assert cpu_lora_fused.used_rank(a, [0, 1]) == 5
+    assert cpu_lora_fused.used_rank(a, [3]) == 2
+    assert cpu_lora_fused.used_rank(a, [0, 2]) == RANK
+    x = torch.randn(6, FAN_IN, dtype=torch.float64)
+    y = torch.zeros(6, sum(WIDTHS), dtype=torch.float64)
+    cpu_lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
+    torch.testing.assert_close(y, per_token(x, a, b, idx))
+    # the dense matmuls ran over 3 slices x 2 adapters x 5 rows, not x RANK
+    assert cpu_lora_fused.a_all(a, [0, 1], 5, x.dtype).shape == (FAN_IN, 3 * 2 * 5)
+
+    a1, b1 = padded(11, ranks=(3, 5, RANK, 2), slices=(40,))
+    buffer = torch.zeros(1, 6, RANK, dtype=torch.float64)
+    cpu_lora_fused.add_shrink(wrapper, never, buffer, x, a1, 1.0)
+    if tensor_parallel == 1:
+        assert cpu_lora_fused._carry[2].shape == (6, 1 * 2 * 5)
+    y = torch.zeros(6, 40, dtype=torch.float64)
+    cpu_lora_fused.add_expand(wrapper, never, y, buffer, b1, (40,))
+    torch.testing.assert_close(y, per_token(x, a1, b1, idx))
