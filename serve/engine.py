@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from serve.adapters import adapter_dir, check_adapters, plan_engine
 from serve.clients import ERROR
@@ -47,6 +48,24 @@ class EngineServer:
         log.info("engine up: base %s, experts %s, left out %s", self.plan.base_path,
                  sorted(self.loaded), sorted(self.skipped))
         self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload)
+        self.pinning = None
+        await self._isolate_worker_cpus()
+
+    async def _isolate_worker_cpus(self) -> None:
+        """Serve's processes off vLLM's CPU worker cores (serve/cpu_pinning.py); repeated at
+        each health check for replicas started since."""
+        if not self.cfg.engine.isolate_worker_cpus:
+            return
+        try:
+            app = serve.get_replica_context().app_name
+        except RayServeException:  # not running as a Serve replica (unit tests)
+            return
+        from serve.cpu_pinning import isolate_worker_cpus
+
+        pinning = await asyncio.to_thread(isolate_worker_cpus, app)
+        if pinning != self.pinning:
+            log.info("CPU pinning: %s", pinning.as_dict() if pinning else "nothing to do")
+        self.pinning = pinning
 
     async def _sync(self, registry) -> None:
         async with self._lock:
@@ -90,6 +109,7 @@ class EngineServer:
                          "max_model_len": getattr(self.backend, "max_model_len", None)},
                 "experts": experts, "skipped": dict(sorted(self.skipped.items())),
                 "revision": self.revision,
+                "cpu_pinning": self.pinning.as_dict() if getattr(self, "pinning", None) else None,
                 "lora": {"max_lora_rank": self.plan.max_lora_rank,
                          "max_loras": self.plan.max_loras,
                          "max_cpu_loras": self.plan.max_cpu_loras}}
@@ -111,6 +131,7 @@ class EngineServer:
 
     async def check_health(self) -> None:
         await self.backend.check_health()
+        await self._isolate_worker_cpus()
 
     def __del__(self):
         if getattr(self, "_watch", None) is not None:

@@ -167,7 +167,8 @@ class Service:
         return JSONResponse({"status": "degraded" if cat["skipped"] else "ok",
                              "experts": list(cat["experts"]), "skipped": cat["skipped"],
                              "registry_revision": cat["revision"], "lora": cat["lora"],
-                             "router": router, "auth": bool(self.api_key)})
+                             "router": router, "auth": bool(self.api_key),
+                             "cpu_pinning": cat.get("cpu_pinning")})
 
     async def reload(self, raw: Request) -> dict:
         self.authorize(raw)

@@ -228,6 +228,32 @@ def test_metrics_count_per_expert(serve_app):
     assert "selfspec_routing_seconds_bucket" in m
 
 
+def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
+    import os
+
+    import psutil
+
+    url, _ = serve_app
+    pinning = httpx.get(f"{url}/health").json()["cpu_pinning"]
+    if len(os.sched_getaffinity(0)) < 2:  # vLLM binds its worker to every core: nothing to do
+        assert pinning is None
+        return
+    worker, free = pinning["worker_cpus"], pinning["serve_cpus"]
+    assert worker and free and not set(worker) & set(free)
+    ours = [p for p in psutil.process_iter(["cmdline"])
+            if "ServeReplica:selfspec:" in " ".join(p.info["cmdline"] or [])
+            and _in_this_session(p)]
+    workers = [c for p in ours for c in p.children(recursive=True)
+               if "VLLM::Worker" in " ".join(c.cmdline())]
+    assert len(ours) == 3 and workers
+    assert all(sorted(w.cpu_affinity()) == worker for w in workers)
+    deadline = time.time() + 30  # replicas that started after the engine: next health check
+    while any(sorted(p.cpu_affinity()) != free for p in ours) and time.time() < deadline:
+        time.sleep(1)
+    assert {p.info["cmdline"][0]: sorted(p.cpu_affinity()) for p in ours} == {
+        p.info["cmdline"][0]: free for p in ours}
+
+
 def test_hot_add_without_restart(serve_app, client, tiny_model, tmp_path):
     from tests.integration.tiny_experts import publish_tiny_expert
 
