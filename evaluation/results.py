@@ -86,7 +86,9 @@ def serving_section(r: dict, assets: str) -> list[str]:
                 f"over {lat.get('pairs')} sequential pairs: auto {lat.get('auto_p50_s')} s vs "
                 f"forced {lat.get('forced_p50_s')} s (p50), median paired difference "
                 f"{lat.get('paired_diff_p50_s')} s; the router call itself averaged "
-                f"{lat.get('routing_call_mean_s')} s."]
+                f"{lat.get('routing_call_mean_s')} s"
+                + (f", of which {lat['router_compute_mean_s']} s inside the router"
+                   if lat.get("router_compute_mean_s") is not None else "") + "."]
     one = e["setups"]["experts_1"]["tokens_per_s"]
     out += ["", f"One engine ({e['cpu_lora_ops']} LoRA ops), tokens/s by distinct experts in "
             "the batch: " + ", ".join(f"{k.replace('experts_', '')}: {v['tokens_per_s']:.0f}"

@@ -187,15 +187,18 @@ def routing_latency(url: str, texts: list[str], chosen: list[str], max_tokens: i
     the same requests says how much of the difference is the router call itself."""
     auto, forced = [], []
     jobs = [(texts[i % len(texts)], chosen[i % len(chosen)]) for i in range(pairs)]
-    before = _routing_timer(url)
+    before, inside_before = _routing_timer(url), _router_time(url)
     for i, (text, expert) in enumerate(jobs):
         order = [("auto", auto), (expert, forced)]
         for model, into in (order if i % 2 == 0 else order[::-1]):
             into.append(run_load(f"{url}/v1", KEY, [(model, text)], max_tokens, 1).seconds)
-    after = _routing_timer(url)
-    calls = after[1] - before[1]
+    after, inside_after = _routing_timer(url), _router_time(url)
+    calls, batches = after[1] - before[1], inside_after[1] - inside_before[1]
     return latency_summary(auto, forced) | {
-        "routing_call_mean_s": round((after[0] - before[0]) / calls, 4) if calls else None}
+        "routing_call_mean_s": round((after[0] - before[0]) / calls, 4) if calls else None,
+        # of which inside the router (encode + search); the rest is the Ray call itself
+        "router_compute_mean_s": round((inside_after[0] - inside_before[0]) / batches, 4)
+        if batches else None}
 
 
 def latency_summary(auto: list[float], forced: list[float]) -> dict:
@@ -204,6 +207,15 @@ def latency_summary(auto: list[float], forced: list[float]) -> dict:
     return {"pairs": len(auto), "auto_p50_s": round(statistics.median(auto), 4),
             "forced_p50_s": round(med_forced, 4), "paired_diff_p50_s": round(diff, 4),
             "overhead": round(diff / med_forced, 4)}
+
+
+def _router_time(url: str) -> tuple[float, float]:
+    """(seconds, batches) the router deployment spent routing, from /health."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/health") as r:
+        router = json.loads(r.read())["router"]
+    return router.get("batch_seconds", 0.0), router.get("batches", 0)
 
 
 def _routing_timer(url: str) -> tuple[float, float]:

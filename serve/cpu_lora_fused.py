@@ -14,7 +14,9 @@ Here, over the adapters present in the step (`active`, k of them) and the layer'
                                    on base-model tokens (skipped when one adapter has them all)
     y   += wide @ B_all     B_all: [S*k*r, sum(out)], block-diagonal over slices, stacked slots
 
-so a mixed batch costs one elementwise op more than a single-adapter one, whatever k is. The
+so a mixed batch costs one elementwise op more than a single-adapter one, whatever k is. r is
+the rank the step's adapters use (`used_rank`), not vLLM's max_lora_rank: vLLM pads each adapter
+with zero rows up to it, which at rank 8 under the default 16 doubled these matmuls. The
 masked-off blocks are extra FLOPs: at rank 8 and decode-sized batches they are far cheaper than
 the ops they replace, and batches with more than `cpu_lora.DENSE_MAX_TOKEN_SLOTS` token-slot
 pairs (long prefills over many adapters) keep the per-slice path.

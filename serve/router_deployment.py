@@ -32,7 +32,9 @@ class RouterServer:
         self.route.set_max_batch_size(self.cfg.router.max_batch_size)
         self.route.set_batch_wait_timeout_s(self.cfg.router.batch_wait_timeout_s)
         self.router, self.revision = None, -1
-        self.stats = {"calls": 0, "batches": 0, "max_batch": 0}
+        # batch_seconds: time inside the router (encode + search), against which callers'
+        # timers show what the calls themselves cost
+        self.stats = {"calls": 0, "batches": 0, "max_batch": 0, "batch_seconds": 0.0}
         await self.reload()
         self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload)
 
@@ -65,7 +67,10 @@ class RouterServer:
         self.stats["batches"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(texts))
         # Off the event loop: the encoder is CPU work and new requests keep arriving.
-        return await asyncio.to_thread(self._route_batch, self.router, list(texts))
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self._route_batch, self.router, list(texts))
+        self.stats["batch_seconds"] += time.perf_counter() - t0
+        return out
 
     @staticmethod
     def _route_batch(router, texts: list[str]) -> list[RouteChoice]:

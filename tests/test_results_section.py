@@ -18,7 +18,8 @@ def test_serving_section_shows_every_run_and_the_latency_breakdown():
                   "mixed": setup(190.0), "routed": setup(180.0),
                   "stack_over_vllm_per_round": [0.88, 0.9, 0.86],
                   "latency": {"pairs": 24, "auto_p50_s": 1.12, "forced_p50_s": 1.1,
-                              "paired_diff_p50_s": 0.017, "routing_call_mean_s": 0.02}},
+                              "paired_diff_p50_s": 0.017, "routing_call_mean_s": 0.02,
+                              "router_compute_mean_s": 0.013}},
         "vllm_serve": setup(205.0, [200.0, 205.0, 210.0]), "naive_peft": setup(21.0),
         "ratios": {"stack_over_vllm": 0.878}, "targets": {"stack_over_vllm": ">= 0.9"},
         "engine": {"cpu_lora_ops": "fused", "setups": {"experts_1": setup(300.0),
@@ -28,5 +29,5 @@ def test_serving_section_shows_every_run_and_the_latency_breakdown():
     assert "| stack, model=base | 250.0 | 240, 250, 260 | 1.00 |" in text
     assert "| naive PEFT server | 21.0 | 21 | 1.00 |" in text  # one run: its own number
     assert "| stack_over_vllm | 0.878 | >= 0.9 |" in text
-    assert "round by round: 0.88, 0.9, 0.86" in text and "averaged 0.02 s" in text
+    assert "round by round: 0.88, 0.9, 0.86" in text and "averaged 0.02 s, of which 0.013 s inside" in text
     assert "4: 280 (0.93×)" in text
