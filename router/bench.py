@@ -105,7 +105,7 @@ def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> 
                        "p99_cpu": _r(np.percentile(cpu_ms, 99)),
                        "search_and_score_mean": _r(search_ms)},
         "throughput_qps": {"batched": _r(qps), "batched_cpu": _r(qps_cpu), "batch_size": BATCH,
-                           "bf16_batches": bool(getattr(router.encoder, "bf16", False)),
+                           "bf16_weights": bool(getattr(router.encoder, "bf16", False)),
                            "unbatched": _r(unbatched_qps), "unbatched_cpu": _r(unbatched_cpu),
                            "speedup": _r(qps / unbatched_qps),
                            "speedup_cpu": _r(qps_cpu / unbatched_cpu)},
