@@ -11,8 +11,9 @@ to the reserved cores, the stack served 7-12% more tokens/s on a 2-core machine
 The engine replica does this once vLLM is up, and again at each health check, for replicas that
 start later (autoscaling, restarts). Only processes on its own node, only Serve's: the engine
 replica and what it spawned (except the worker), and, in the same Ray session, this app's
-replicas and Serve's proxy and controller. Nothing happens when the worker is not bound to a subset of the cores (GPU engines,
-`VLLM_CPU_OMP_THREADS_BIND=nobind`, one core). `engine.isolate_worker_cpus: false` turns it off.
+replicas and Serve's proxy and controller. Nothing happens when the worker is not bound to a
+subset of the cores (GPU engines, `VLLM_CPU_OMP_THREADS_BIND=nobind`, one core).
+`engine.isolate_worker_cpus: false` turns it off.
 """
 
 from __future__ import annotations
