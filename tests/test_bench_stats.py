@@ -1,6 +1,7 @@
 """The serving bench's statistics: medians over alternating rounds, paired latency overhead."""
 
-from serve.bench import latency_summary, median_run
+from serve.bench import median_run
+from serve.bench_latency import latency_summary
 from serve.bench_load import LoadResult
 
 
