@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.app import serve_env
 from specialize.errors import ConfigError, SelfspecError
 
 APP = "selfspec"  # the Serve application's name
@@ -221,4 +222,4 @@ def cluster_env(token: str) -> dict:
                 "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    return env
+    return serve_env(env)

@@ -254,6 +254,20 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
         p.info["cmdline"][0]: free for p in ours}
 
 
+def test_replicas_run_in_serve_throughput_mode(serve_app):
+    import psutil
+
+    from serve.app import SERVE_ENV
+
+    ours = [p for p in psutil.process_iter(["cmdline"])
+            if "ServeReplica:selfspec:" in " ".join(p.info["cmdline"] or [])
+            and _in_this_session(p)]
+    assert len(ours) == 3
+    for p in ours:
+        env = p.environ()
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, p.info["cmdline"][0]
+
+
 def test_hot_add_without_restart(serve_app, client, tiny_model, tmp_path):
     from tests.integration.tiny_experts import publish_tiny_expert
 
