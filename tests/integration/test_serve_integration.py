@@ -243,8 +243,7 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
     ours = [p for p in psutil.process_iter(["cmdline"])
             if "ServeReplica:selfspec:" in " ".join(p.info["cmdline"] or [])
             and _in_this_session(p)]
-    workers = [c for p in ours for c in p.children(recursive=True)
-               if "VLLM::Worker" in " ".join(c.cmdline())]
+    workers = [c for p in ours for c in p.children(recursive=True) if "VLLM::Worker" in _cmd(c)]
     assert len(ours) == 3 and workers
     assert all(sorted(w.cpu_affinity()) == worker for w in workers)
     deadline = time.time() + 30  # replicas that started after the engine: next health check
@@ -308,6 +307,15 @@ def test_crashed_engine_is_restarted_and_serves_again(client):
         except (openai.APIStatusError, openai.APIConnectionError):
             time.sleep(3)
     assert answer is not None and answer.model == "law"
+
+
+def _cmd(proc) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # a short-lived child that exited since it was listed
+        return ""
 
 
 def _in_this_session(proc) -> bool:
