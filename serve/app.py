@@ -12,30 +12,11 @@ heavy starts here: a bad argument fails in milliseconds, before any replica exis
 from __future__ import annotations
 
 import logging
-import os
 
 from serve.config import ServeConfig, build_serve_config
 from specialize.registry import load_registry
 
 log = logging.getLogger(__name__)
-
-# Ray Serve's documented high-throughput mode (Ray >= 2.55): replicas call each other over gRPC
-# and run our code on their own event loop. Here it took the stack from 0.875x to 0.903x of plain
-# `vllm serve` (13 alternating rounds each, 2 cores). Serve's processes read these when they
-# start, so they must be in the environment of whatever starts Ray: `serve_env()` sets them for
-# the Ray that selfspec starts; on a cluster you start yourself, export them on every node (see
-# deploy/). Its direct-ingress part stays off: ingress replicas would listen on ports of their
-# own (30000+) besides the one port clients were given.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-
-
-def serve_env(env: dict | None = None) -> dict:
-    """SERVE_ENV's values into `env` (default: this process's environment) where unset: what a
-    user exported wins. Call before `ray.init()` / `ray start`."""
-    env = os.environ if env is None else env
-    for key, value in SERVE_ENV.items():
-        env.setdefault(key, value)
-    return env
 
 
 def resolve_config(args: dict | ServeConfig | None = None, **overrides) -> ServeConfig:

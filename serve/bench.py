@@ -117,14 +117,13 @@ def bench_stack(cfg, plan, names: list[str], adapters: dict[str, Path], texts: l
     import ray
     from ray import serve
 
-    from serve.app import build_app, serve_env
+    from serve.app import build_app
 
     vport = free_port()
     cmd = vllm_serve_command(plan.base_path, adapters, vport, plan, cfg)
     proc = start_vllm_serve(cmd, tmp / "vllm_serve.log", cfg.engine.kv_cache_gib)
     port = free_port()
     url, vurl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vport}/v1"
-    serve_env()  # the stack as `selfspec serve` runs it
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

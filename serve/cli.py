@@ -109,7 +109,7 @@ def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
     import ray
     from ray import serve
 
-    from serve.app import build_app, serve_env
+    from serve.app import build_app
     from specialize.errors import SelfspecError
     from specialize.registry import load_registry
 
@@ -124,8 +124,6 @@ def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if own_ray:
-        serve_env()  # a cluster we only connect to was started with its own environment
     ray.init(include_dashboard=False, log_to_driver=verbose, namespace="selfspec")
     try:
         serve.start(http_options={"host": host, "port": port})

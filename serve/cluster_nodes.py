@@ -24,7 +24,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.app import serve_env
 from specialize.errors import ConfigError, SelfspecError
 
 APP = "selfspec"  # the Serve application's name
@@ -222,4 +221,4 @@ def cluster_env(token: str) -> dict:
                 "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    return serve_env(env)
+    return env

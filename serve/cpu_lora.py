@@ -196,13 +196,19 @@ def enabled() -> bool:
 
 
 def register() -> None:
-    """vLLM general-plugin entry point: swap the gathering ops for grouped ones on CPU."""
+    """vLLM general-plugin entry point, on CPU: the engine core naps instead of spinning on its
+    shared core (serve/cpu_spin.py), and the gathering LoRA ops become grouped ones."""
     global _PATCHED
-    if _PATCHED or not enabled():
+    if _PATCHED:
         return
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
+        return
+    from serve import cpu_spin
+
+    cpu_spin.install()  # idempotent; SELFSPEC_CPU_ENGINE_NAP_US=0 turns it off
+    if not enabled():
         return
     import vllm.lora.ops.torch_ops.lora_ops as torch_ops
     from vllm.lora.punica_wrapper import punica_cpu

@@ -243,13 +243,3 @@ def test_ready_message_is_pasteable():
     assert "left out: math: rank 7" in msg and "model='auto'" in msg
     curl = next(ln for ln in msg.splitlines() if ln.strip().startswith("-d "))
     json.loads(curl.strip()[4:-1])  # the -d body is valid JSON
-
-
-def test_serve_env_fills_in_rays_throughput_mode_without_overriding_the_user():
-    from serve.app import SERVE_ENV, serve_env
-
-    assert serve_env({}) == SERVE_ENV
-    mine = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "PATH": "/bin"}
-    out = serve_env(mine)
-    assert out is mine and out["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
-    assert out["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and out["PATH"] == "/bin"

@@ -81,12 +81,11 @@ def serve_app(serve_experts):
     import ray
     from ray import serve
 
-    from serve.app import build_app, serve_env
+    from serve.app import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_env()  # Serve's mode as `selfspec serve` runs it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -1,0 +1,71 @@
+"""The engine core's nap instead of vLLM's spin (serve/cpu_spin.py), on a stand-in condition
+with vLLM's SpinCondition.wait contract; the real class is patched in every CPU engine the
+integration tests start."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from serve import cpu_spin
+
+
+class FakeCondition:
+    def __init__(self, busy_loop_s: float = 1.0):
+        self.last_read, self.busy_loop_s, self.polls = time.monotonic(), busy_loop_s, 0
+
+    def wait(self, timeout_ms=None):  # vLLM: sched_yield() in the busy window, else poll
+        self.polls += 1
+
+
+@pytest.fixture
+def cls():
+    class C(FakeCondition):
+        pass
+    return C
+
+
+def test_naps_in_the_busy_window_instead_of_spinning(cls, monkeypatch):
+    monkeypatch.setattr(cpu_spin, "is_worker_process", lambda: False)
+    assert cpu_spin.install(cls, nap_s=0.002)
+    c = cls()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        c.wait()
+    assert time.perf_counter() - t0 >= 0.009 and c.polls == 0
+    c.last_read -= 5  # idle for longer than the busy window: vLLM's own blocking poll
+    c.wait(timeout_ms=10)
+    assert c.polls == 1
+
+
+def test_workers_keep_vllms_spin(cls, monkeypatch):
+    monkeypatch.setattr(cpu_spin, "is_worker_process", lambda: True)
+    cpu_spin.install(cls, nap_s=0.05)
+    c = cls()
+    t0 = time.perf_counter()
+    c.wait()
+    assert time.perf_counter() - t0 < 0.04 and c.polls == 1
+
+
+def test_installs_once_and_zero_turns_it_off(cls, monkeypatch):
+    assert not cpu_spin.install(cls, nap_s=0)
+    assert cls.wait is FakeCondition.wait
+    cpu_spin.install(cls, nap_s=0.001)
+    patched = cls.wait
+    cpu_spin.install(cls, nap_s=0.001)
+    assert cls.wait is patched
+    monkeypatch.setenv(cpu_spin.NAP_ENV, "250")
+    assert cpu_spin.nap_seconds() == pytest.approx(250e-6)
+    monkeypatch.setenv(cpu_spin.NAP_ENV, "fast")
+    assert cpu_spin.nap_seconds() == pytest.approx(cpu_spin.DEFAULT_NAP_US / 1e6)
+
+
+def test_vllms_spin_condition_has_what_the_patch_relies_on():
+    import inspect
+
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    wait = getattr(SpinCondition.wait, "_selfspec_original", SpinCondition.wait)
+    assert "self.last_read + self.busy_loop_s" in inspect.getsource(wait)
+    assert "busy_loop_s" in inspect.signature(SpinCondition.__init__).parameters
