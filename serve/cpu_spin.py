@@ -5,13 +5,14 @@ each message they read, so the next one is picked up at once. On a GPU node that
 of many host cores. On a CPU node the engine core runs on the cores vLLM keeps for everything
 but its worker (`VLLM_CPU_NUM_OF_RESERVED_CPU`, one by default), next to the API server or, in
 selfspec, Ray Serve's processes and the router. There the spin took most of that core: 5.7 of
-the 7.8 s of one bench run, and a routing call next to it took twice as long as alone.
+the 7.8 s of one bench run.
 
 So in every vLLM process on CPU except the workers (whose cores are their own, where spinning
 is the right trade), a reader naps `SELFSPEC_CPU_ENGINE_NAP_US` microseconds (default 100;
 0 keeps vLLM's spin) between polls instead of yielding. Measured on 2 cores: engine-core CPU 5.7
--> 0.7 s per run, tokens/s up 3-5% for both the stack and plain `vllm serve` (both load this
-plugin); a step waits at most ~0.15 ms longer for its result. Blocking on vLLM's own wake-up
+-> 0.7 s per run; in alternating rounds, tokens/s up 3-5% for both the stack and plain
+`vllm serve` (both load this plugin), though one full bench run after it showed no gain. A step
+waits at most ~0.15 ms longer for its result. Blocking on vLLM's own wake-up
 socket instead (`busy_loop_s=0`) was tried: throughput swung between 90 and 213 tokens/s.
 """
 
