@@ -231,8 +231,6 @@ def test_metrics_count_per_expert(serve_app):
 def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
     import os
 
-    import psutil
-
     url, _ = serve_app
     pinning = httpx.get(f"{url}/health").json()["cpu_pinning"]
     if len(os.sched_getaffinity(0)) < 2:  # vLLM binds its worker to every core: nothing to do
@@ -240,9 +238,7 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
         return
     worker, free = pinning["worker_cpus"], pinning["serve_cpus"]
     assert worker and free and not set(worker) & set(free)
-    ours = [p for p in psutil.process_iter(["cmdline"])
-            if "ServeReplica:selfspec:" in " ".join(p.info["cmdline"] or [])
-            and _in_this_session(p)]
+    ours = _our_replicas()
     workers = [c for p in ours for c in p.children(recursive=True) if "VLLM::Worker" in _cmd(c)]
     assert len(ours) == 3 and workers
     assert all(sorted(w.cpu_affinity()) == worker for w in workers)
@@ -254,11 +250,7 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
 
 
 def test_engine_core_naps_instead_of_spinning_after_a_request(serve_app, client):
-    import psutil
-
-    ours = [p for p in psutil.process_iter(["cmdline"])
-            if "ServeReplica:selfspec:" in " ".join(p.info["cmdline"] or [])
-            and _in_this_session(p)]
+    ours = _our_replicas()
     core = [c for p in ours for c in p.children(recursive=True) if "VLLM::EngineCore" in _cmd(c)]
     assert len(core) == 1
     client.chat.completions.create(**chat("one more question", model="base"))
@@ -307,6 +299,15 @@ def test_crashed_engine_is_restarted_and_serves_again(client):
         except (openai.APIStatusError, openai.APIConnectionError):
             time.sleep(3)
     assert answer is not None and answer.model == "law"
+
+
+def _our_replicas() -> list:
+    """This session's replicas of the `selfspec` app (not the cluster demo's, not other users')."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "ServeReplica:selfspec:" in " ".join(p.info["cmdline"] or [])
+            and _in_this_session(p)]
 
 
 def _cmd(proc) -> str:
