@@ -71,7 +71,10 @@ class HandleRouter:
     call costs the ingress and the router a few ms of CPU each, on the same cores as the engine,
     so paying it per batch instead of per request is throughput the engine keeps. With no wait
     (the default), a lone request goes at once; under load, requests arriving while a batch is
-    out form the next one. Two batches in flight let two router replicas work for one ingress."""
+    out form the next one. One batch in flight, not two: on a CPU node the router shares one core
+    with the serving path, so two batches encoding at once each take twice as long and the
+    first requests wait for both (a 4-expert bench at concurrency 32: router wall time 1.6-2.1 s
+    per 96 requests with two in flight, 0.7-1.0 s with one, in as many batches)."""
 
     def __init__(self, handle, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0):
         self.handle = handle
@@ -81,7 +84,7 @@ class HandleRouter:
     async def route(self, text: str) -> RouteChoice:
         return await self._gathered(text)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=1)
     async def _gathered(self, texts: list[str]) -> list[RouteChoice]:
         return await self.handle.route_many.remote(list(texts))
 

@@ -86,6 +86,30 @@ def test_unloadable_encoder_is_a_clear_error():
         SentenceTransformerEncoder("no-such-org/no-such-model")
 
 
+def test_traced_encoder_embeds_like_sentence_transformers(encoder):
+    traced = encoder.inner
+    assert traced.traced is not None  # the embedded model qualifies for the traced path
+    eager = SentenceTransformerEncoder(trace=False)
+    assert eager.traced is None
+    items = load_routing(routing_files())
+    texts = [it.query for it in items][:120] + ["x", "word " * 300]  # one word, past the window
+    a, b = eager.encode(texts), traced.encode(texts)
+    assert a.shape == b.shape == (len(texts), traced.dim)
+    assert float((a * b).sum(1).min()) > 1 - 1e-4
+    # order kept: batches are formed longest-first inside encode
+    assert np.allclose(traced.encode(texts[:3]), traced.encode(texts[:3][::-1])[::-1], atol=1e-6)
+
+
+def test_only_mean_pooling_models_are_traced(encoder):
+    from router.encoder import _trace_mean_pooling
+
+    model = encoder.inner.model
+    cls = type(model)(modules=[model[0], type(model[1])(model[1].embedding_dimension,
+                                                           pooling_mode="cls")])
+    assert _trace_mean_pooling(cls) is None  # CLS pooling: sentence-transformers' path
+    assert _trace_mean_pooling(model) is not None
+
+
 def test_long_query_is_truncated_and_logged(router, caplog):
     assert isinstance(router.encoder.inner, SentenceTransformerEncoder)
     text = ("A tenant moved out and the landlord kept the whole deposit for normal wear and "
