@@ -43,7 +43,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--requests", type=_at_least_1, default=96, help="serving: requests per run")
     b.add_argument("--max-tokens", type=_at_least_1, default=16, help="serving: tokens per answer")
     b.add_argument("--concurrency", type=_at_least_1, default=32, help="serving: in flight")
-    b.add_argument("--rounds", type=_at_least_1, default=3,
+    b.add_argument("--rounds", type=_at_least_1, default=5,
                    help="serving: alternating rounds over the setups (medians are reported)")
     b.add_argument("--latency-pairs", type=_at_least_1, default=24,
                    help="serving: sequential auto/forced request pairs for the routing overhead")

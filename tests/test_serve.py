@@ -343,3 +343,48 @@ def test_unknown_routes_answer_in_openai_format(app):
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
     r = client.get("/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_routing_calls_gathered_while_one_batch_is_out(monkeypatch):
+    """The ingress keeps one routing batch in flight: requests arriving meanwhile go together
+    in the next one (serve/clients.py), not as a second small batch on the router's core."""
+    import asyncio
+
+    from ray.serve import batching
+
+    from serve.clients import HandleRouter
+
+    # Outside a replica there is no deployment config to compare the batch size with.
+    monkeypatch.setattr(batching._BatchQueue,
+                        "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+
+    class Handle:  # stands in for the router deployment's handle
+        def __init__(self):
+            self.batches, self.release, self.sent = [], asyncio.Event(), asyncio.Event()
+            self.route_many = self
+
+        def remote(self, texts):
+            self.batches.append(list(texts))
+            self.sent.set()
+
+            async def answer():
+                await self.release.wait()
+                return [RouteChoice(None, 0.0, {}, None, t) for t in texts]
+            return answer()
+
+    async def main():
+        handle = Handle()
+        router = HandleRouter(handle)
+        first = asyncio.create_task(router.route("a"))
+        await asyncio.wait_for(handle.sent.wait(), 10)  # "a" went alone, at once
+        rest = [asyncio.create_task(router.route(t)) for t in "bcd"]
+        for _ in range(20):  # let the batcher see them while "a" is out
+            await asyncio.sleep(0)
+        assert handle.batches == [["a"]]
+        handle.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        return handle.batches, [c.reason for c in answers]
+
+    batches, reasons = asyncio.run(main())
+    assert batches == [["a"], ["b", "c", "d"]]
+    assert reasons == ["a", "b", "c", "d"]  # every caller gets its own answer
