@@ -232,10 +232,12 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
     import os
 
     url, _ = serve_app
-    pinning = httpx.get(f"{url}/health").json()["cpu_pinning"]
+    health = httpx.get(f"{url}/health").json()
+    pinning = health["cpu_pinning"]
     if len(os.sched_getaffinity(0)) < 2:  # vLLM binds its worker to every core: nothing to do
         assert pinning is None
         return
+    assert pinning, f"no pinning in /health {health}\n{_process_report()}"
     worker, free = pinning["worker_cpus"], pinning["serve_cpus"]
     assert worker and free and not set(worker) & set(free)
     ours = _our_replicas()
@@ -252,7 +254,7 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
 def test_engine_core_naps_instead_of_spinning_after_a_request(serve_app, client):
     ours = _our_replicas()
     core = [c for p in ours for c in p.children(recursive=True) if "VLLM::EngineCore" in _cmd(c)]
-    assert len(core) == 1
+    assert len(core) == 1, _process_report()
     client.chat.completions.create(**chat("one more question", model="base"))
     before = sum(core[0].cpu_times()[:2])
     time.sleep(0.8)  # inside vLLM's 1 s busy window after the last read: it would spin here
@@ -288,7 +290,7 @@ def test_crashed_engine_is_restarted_and_serves_again(client):
                 and _in_this_session(p)]
     ours = [c for r in replicas for c in r.children(recursive=True)
             if "EngineCor" in c.name() or "EngineCore" in " ".join(c.cmdline())]
-    assert ours, "no vLLM engine process under this test's engine replica"
+    assert ours, f"no vLLM engine process under this test's engine replica\n{_process_report()}"
     for p in ours:
         p.kill()  # the engine core dies; the replica's health check fails; Serve replaces it
     deadline, answer = time.time() + 300, None
@@ -317,6 +319,25 @@ def _cmd(proc) -> str:
         return " ".join(proc.cmdline())
     except psutil.Error:  # a short-lived child that exited since it was listed
         return ""
+
+
+def _process_report() -> str:
+    """Every Ray and vLLM process on the machine (pid, parent, name, affinity, command line),
+    for assertion messages: a failure here is about which process is where."""
+    import psutil
+
+    rows = []
+    for p in psutil.process_iter(["pid", "ppid", "name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if not any(k in cmd or k in (p.info["name"] or "") for k in ("ray", "VLLM", "vllm")):
+            continue
+        try:
+            cpus = sorted(p.cpu_affinity())
+        except psutil.Error:
+            cpus = None
+        rows.append(f"{p.info['pid']:>7} {p.info['ppid']:>7} {p.info['name']!s:<16} {cpus} "
+                    f"{cmd[:110]}")
+    return "processes (pid ppid name cpus cmdline):\n" + "\n".join(rows)
 
 
 def _in_this_session(proc) -> bool:
