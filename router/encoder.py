@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -91,6 +92,7 @@ class SentenceTransformerEncoder:
         # measured best on one core (fp32 16: 228 q/s vs 64: 123; bf16 32: 717 vs 16: 650).
         self.batch_size = 32 if self.bf16 else 16
         self.traced = _trace_mean_pooling(self.model) if trace else None
+        self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         import torch
@@ -98,7 +100,9 @@ class SentenceTransformerEncoder:
         texts = [self._fit_window(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with torch.inference_mode():
+        # One call at a time: a fast tokenizer's padding settings are set per call on shared
+        # state, and a router replica may embed an index while it routes (a reload).
+        with self._lock, torch.inference_mode():
             if self.traced is not None:
                 vecs = self._encode_traced(texts)
             else:

@@ -32,6 +32,7 @@ class RouterServer:
         self.route.set_max_batch_size(self.cfg.router.max_batch_size)
         self.route.set_batch_wait_timeout_s(self.cfg.router.batch_wait_timeout_s)
         self.router, self.revision = None, -1
+        self._reload_lock = asyncio.Lock()
         # batch_seconds: time inside the router (encode + search), against which callers'
         # timers show what the calls themselves cost
         self.stats = {"calls": 0, "batches": 0, "max_batch": 0, "batch_seconds": 0.0}
@@ -39,18 +40,29 @@ class RouterServer:
         self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload)
 
     def _load_router(self, experts_dir: Path):
+        from router.encoder import canonical_name
+        from router.index import read_meta
         from router.route import Router
-        return Router.load(experts_dir, encoder=self.cfg.router.encoder)
+
+        encoder = self.cfg.router.encoder
+        held = self.router.encoder if self.router is not None else None
+        want = encoder or ((read_meta(experts_dir) or {}).get("encoder") or {}).get("name")
+        if held is not None and want is not None and canonical_name(want) == held.name:
+            encoder = held  # the same model: a hot-add reloads the index, not the encoder
+        return Router.load(experts_dir, encoder=encoder)
 
     async def reload(self) -> dict:
-        registry = load_registry(self.experts_dir)
-        if registry.revision != self.revision:
-            # Build aside, then swap: routing keeps using the old index meanwhile.
-            router = await asyncio.to_thread(self._factory, self.experts_dir) \
-                if registry.experts else None
-            self.router, self.revision = router, registry.revision
-            log.info("router at registry revision %d: %s", self.revision,
-                     router.describe() if router else "no experts")
+        # One reload at a time: the registry watch and /admin/reload often fire together after
+        # a publish, and the second finds the work done.
+        async with self._reload_lock:
+            registry = load_registry(self.experts_dir)
+            if registry.revision != self.revision:
+                # Build aside, then swap: routing keeps using the old index meanwhile.
+                router = await asyncio.to_thread(self._factory, self.experts_dir) \
+                    if registry.experts else None
+                self.router, self.revision = router, registry.revision
+                log.info("router at registry revision %d: %s", self.revision,
+                         router.describe() if router else "no experts")
         return self.info()
 
     def info(self) -> dict:

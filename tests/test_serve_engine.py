@@ -167,3 +167,26 @@ def test_router_batch_one_bad_query_does_not_fail_the_others():
     assert "unroutable" in out[1].reason
     empty = RouterServer.func_or_class._route_batch(None, ["x"])
     assert empty[0].expert is None and "no experts" in empty[0].reason
+
+
+def test_router_reload_keeps_the_loaded_encoder(tmp_path, monkeypatch):
+    """A hot-add reloads the router's index; the encoder (seconds to load and trace) stays."""
+    from types import SimpleNamespace
+
+    from router import route
+    from serve.config import build_serve_config
+
+    asked = []
+    monkeypatch.setattr(route.Router, "load",
+                        classmethod(lambda cls, d, encoder=None: asked.append(encoder) or "new"))
+    server = object.__new__(RouterServer.func_or_class)
+    server.cfg = build_serve_config({"router": {"encoder": "all-MiniLM-L6-v2"}})
+    server.router = None
+    assert server._load_router(tmp_path) == "new" and asked[-1] == "all-MiniLM-L6-v2"
+    held = SimpleNamespace(name="all-MiniLM-L6-v2")
+    server.router = SimpleNamespace(encoder=held)
+    server._load_router(tmp_path)
+    assert asked[-1] is held  # same model: the loaded one is reused
+    server.router = SimpleNamespace(encoder=SimpleNamespace(name="/models/other-encoder"))
+    server._load_router(tmp_path)
+    assert asked[-1] == "all-MiniLM-L6-v2"  # another model: loaded by name

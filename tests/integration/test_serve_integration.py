@@ -271,7 +271,7 @@ def test_hot_add_without_restart(serve_app, client, tiny_model, tmp_path):
         if "math" in httpx.get(f"{url}/health").json()["experts"]:
             break
         time.sleep(1)
-    r = httpx.post(f"{url}/admin/reload",
+    r = httpx.post(f"{url}/admin/reload", timeout=120,  # may rebuild the router's index
                    headers={"Authorization": f"Bearer {SERVE_API_KEY}"}).json()
     assert "math" in r["experts"] and "math" in r["router"]["experts"]
     assert client.chat.completions.create(**chat("2+2?", model="math")).model == "math"
