@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -164,8 +165,6 @@ def _trace_mean_pooling(model):
             getattr(mods[1], "pooling_mode", None) != "mean" or \
             not hasattr(mods[0], "auto_model"):
         return None
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
     prep = getattr(model, "preprocess", None) or model.tokenize
