@@ -326,10 +326,17 @@ def _process_report() -> str:
     for assertion messages: a failure here is about which process is where."""
     import psutil
 
-    rows = []
+    rows, below = [], set()
+    for p in psutil.process_iter(["cmdline"]):  # whatever their titles: the replicas' children
+        if "ServeReplica:" in " ".join(p.info["cmdline"] or []):
+            try:
+                below |= {c.pid for c in p.children(recursive=True)}
+            except psutil.Error:
+                continue
     for p in psutil.process_iter(["pid", "ppid", "name", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if not any(k in cmd or k in (p.info["name"] or "") for k in ("ray", "VLLM", "vllm")):
+        if p.info["pid"] not in below and not any(
+                k in cmd or k in (p.info["name"] or "") for k in ("ray", "VLLM", "vllm")):
             continue
         try:
             cpus = sorted(p.cpu_affinity())
