@@ -44,7 +44,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--max-tokens", type=_at_least_1, default=16, help="serving: tokens per answer")
     b.add_argument("--concurrency", type=_at_least_1, default=32, help="serving: in flight")
     b.add_argument("--rounds", type=_at_least_1, default=5,
-                   help="serving: alternating rounds over the setups (medians are reported)")
+                   help="serving: alternating rounds over the setups, medians reported (5)")
     b.add_argument("--latency-pairs", type=_at_least_1, default=24,
                    help="serving: sequential auto/forced request pairs for the routing overhead")
     b.set_defaults(func=run_bench)
