@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-WORKER_TITLE = "VLLM::Worker"  # vLLM's process title for its (CPU or multi-GPU) workers
+# vLLM's process titles (prefix `VLLM_PROCESS_NAME_PREFIX`): VLLM::EngineCore, VLLM::Worker_TP1...
+ENGINE_TITLE, WORKER_TITLE = "::EngineCore", "::Worker"
+# What a process started by multiprocessing's spawn runs, when nothing has retitled it.
+SPAWNED = "from multiprocessing.spawn import spawn_main"
 SERVE_TITLES = ("ray::ProxyActor", "ray::ServeController")
 # The cores this process could use before any pinning: what vLLM saw when it bound its worker.
 _NODE_CPUS = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -86,6 +89,35 @@ def _pin(pid: int, cpus: frozenset[int]) -> bool:
     return True
 
 
+def vllm_processes(root: int, table: list[tuple[int, int, str]] | None = None,
+                   ) -> tuple[set[int], set[int]]:
+    """(engine cores, workers) of the vLLM engine run by process `root` (an engine replica).
+
+    The engine core is a multiprocessing child of `root`, and the workers are its children.
+    Titles alone are not enough: vLLM titles them with setproctitle, which silently leaves the
+    title unset when the first entry of the process's environment was rewritten before the
+    title was set, and Ray hands its workers their environment in a random order. On a 2-core
+    CI machine that left 2 engine starts in 5 untitled. So an untitled spawned child counts by
+    its place in the tree."""
+    table = list(_processes()) if table is None else table
+    children: dict[int, list[int]] = {}
+    cmds = {}
+    for pid, ppid, cmd in table:
+        children.setdefault(ppid, []).append(pid)
+        cmds[pid] = cmd
+
+    def title(pid: int) -> str:
+        return cmds[pid].split(" ", 1)[0]
+
+    below = _descendants(root, table)
+    workers = {pid for pid in below if WORKER_TITLE in title(pid)}
+    cores = {pid for pid in below if ENGINE_TITLE in title(pid)}
+    cores |= {pid for pid in children.get(root, []) if pid not in workers and SPAWNED in cmds[pid]}
+    workers |= {pid for core in cores for pid in children.get(core, [])
+                if SPAWNED in cmds[pid] and "::" not in title(pid)}
+    return cores, workers
+
+
 def isolate_worker_cpus(app: str, root: int | None = None) -> Pinning | None:
     """Move Serve's processes on this node onto the cores vLLM's workers leave free.
 
@@ -96,7 +128,7 @@ def isolate_worker_cpus(app: str, root: int | None = None) -> Pinning | None:
     root = os.getpid() if root is None else root
     table = list(_processes())
     below = _descendants(root, table)
-    workers = {pid for pid, _, cmd in table if pid in below and cmd.startswith(WORKER_TITLE)}
+    _, workers = vllm_processes(root, table)
     worker_cpus: set[int] = set()
     for pid in workers:
         try:

@@ -40,7 +40,13 @@ def nap_seconds() -> float:
 
 
 def is_worker_process() -> bool:
-    """vLLM titles its worker processes VLLM::Worker (VLLM::Worker_TP1, ...)."""
+    """Whether this is one of vLLM's worker processes. vLLM starts them as multiprocessing
+    processes named VllmWorker-<rank>; their title (VLLM::Worker) is not always set (see
+    serve/cpu_pinning.py `vllm_processes`), the name always is."""
+    import multiprocessing
+
+    if multiprocessing.current_process().name.startswith("VllmWorker"):
+        return True
     try:
         with open("/proc/self/comm") as f:
             return "Worker" in f.read()

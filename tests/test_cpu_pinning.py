@@ -95,3 +95,40 @@ def test_nothing_to_do_without_a_bound_worker(procs):
     assert affinity(router.pid) == CPUS
     lone = procs("ray::ServeReplica:demo:engine")  # no worker at all
     assert cpu_pinning.isolate_worker_cpus("demo", root=lone.pid) is None
+
+
+# What multiprocessing's spawn runs (the command line an untitled vLLM process keeps); the
+# actual code comes through the environment.
+SPAWNED_CMD = [sys.executable, "-c", f"{cpu_pinning.SPAWNED}; import os; exec(os.environ['CODE'])"]
+UNTITLED_WORKER = f"import os; os.sched_setaffinity(0, {{{CPUS[0]}}}); print('bound', flush=True); {SLEEP}"
+UNTITLED_CORE = f"""
+import os, subprocess, time
+w = subprocess.Popen({SPAWNED_CMD!r}, env={{**os.environ, "CODE": {UNTITLED_WORKER!r}}},
+                     stdout=subprocess.PIPE, text=True)
+w.stdout.readline()
+print(w.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_untitled_vllm_processes_are_found_by_their_place_in_the_tree(procs):
+    # setproctitle can fail in vLLM's spawned processes (environment order): the engine core is
+    # then the replica's spawned child and the worker the engine core's.
+    engine = procs("ray::ServeReplica:demo:engine", "import os, subprocess, time; "
+                   f"c = subprocess.Popen({SPAWNED_CMD!r}, env={{**os.environ, 'CODE': "
+                   f"{UNTITLED_CORE!r}}}, stdout=subprocess.PIPE, text=True); "
+                   "print(c.pid, c.stdout.readline().strip(), flush=True); "
+                   # multiprocessing's resource tracker: a child too, not an engine core
+                   f"subprocess.Popen([{sys.executable!r}, '-c', 'from multiprocessing.resource_tracker"
+                   f" import main; {SLEEP}']); time.sleep(120)",
+                   stdout=subprocess.PIPE, text=True)
+    core, worker = map(int, engine.stdout.readline().split())
+    router = procs("ray::ServeReplica:demo:router")
+
+    assert cpu_pinning.vllm_processes(engine.pid) == ({core}, {worker})
+    got = cpu_pinning.isolate_worker_cpus("demo", root=engine.pid)
+
+    assert got is not None and got.worker_cpus == (CPUS[0],)
+    for pid in (engine.pid, core, router.pid):
+        assert affinity(pid) == CPUS[1:], pid
+    assert affinity(worker) == [CPUS[0]]

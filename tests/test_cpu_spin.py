@@ -69,3 +69,22 @@ def test_vllms_spin_condition_has_what_the_patch_relies_on():
     wait = getattr(SpinCondition.wait, "_selfspec_original", SpinCondition.wait)
     assert "self.last_read + self.busy_loop_s" in inspect.getsource(wait)
     assert "busy_loop_s" in inspect.signature(SpinCondition.__init__).parameters
+
+
+def _report_worker(q):
+    q.put(cpu_spin.is_worker_process())
+
+
+@pytest.mark.parametrize("name,worker", [("VllmWorker-0", True), ("EngineCore", False)])
+def test_workers_are_known_by_their_process_name_not_their_title(name, worker):
+    # vLLM's names for its spawned processes; no title is set here, as when setproctitle fails
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_report_worker, args=(q,), name=name)
+    p.start()
+    try:
+        assert q.get(timeout=60) is worker
+    finally:
+        p.join(10)

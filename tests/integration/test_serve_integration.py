@@ -241,8 +241,8 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
     worker, free = pinning["worker_cpus"], pinning["serve_cpus"]
     assert worker and free and not set(worker) & set(free)
     ours = _our_replicas()
-    workers = [c for p in ours for c in p.children(recursive=True) if "VLLM::Worker" in _cmd(c)]
-    assert len(ours) == 3 and workers
+    cores, workers = _vllm_processes(ours)
+    assert len(ours) == 3 and len(cores) == 1 and workers, _process_report()
     assert all(sorted(w.cpu_affinity()) == worker for w in workers)
     deadline = time.time() + 30  # replicas that started after the engine: next health check
     while any(sorted(p.cpu_affinity()) != free for p in ours) and time.time() < deadline:
@@ -253,7 +253,7 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
 
 def test_engine_core_naps_instead_of_spinning_after_a_request(serve_app, client):
     ours = _our_replicas()
-    core = [c for p in ours for c in p.children(recursive=True) if "VLLM::EngineCore" in _cmd(c)]
+    core, _ = _vllm_processes(ours)
     assert len(core) == 1, _process_report()
     client.chat.completions.create(**chat("one more question", model="base"))
     before = sum(core[0].cpu_times()[:2])
@@ -288,8 +288,7 @@ def test_crashed_engine_is_restarted_and_serves_again(client):
     replicas = [p for p in psutil.process_iter(["cmdline"])
                 if "ServeReplica:selfspec:engine" in " ".join(p.info["cmdline"] or [])
                 and _in_this_session(p)]
-    ours = [c for r in replicas for c in r.children(recursive=True)
-            if "EngineCor" in c.name() or "EngineCore" in " ".join(c.cmdline())]
+    ours, _ = _vllm_processes(replicas)
     assert ours, f"no vLLM engine process under this test's engine replica\n{_process_report()}"
     for p in ours:
         p.kill()  # the engine core dies; the replica's health check fails; Serve replaces it
@@ -312,13 +311,16 @@ def _our_replicas() -> list:
             and _in_this_session(p)]
 
 
-def _cmd(proc) -> str:
+def _vllm_processes(replicas: list) -> tuple[list, list]:
+    """(engine cores, workers) under these replicas, found as the engine replica finds them
+    (by title, or by place in the tree when vLLM's titles did not take)."""
     import psutil
 
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.Error:  # a short-lived child that exited since it was listed
-        return ""
+    from serve.cpu_pinning import vllm_processes
+
+    found = [vllm_processes(r.pid) for r in replicas]
+    return ([psutil.Process(pid) for cores, _ in found for pid in sorted(cores)],
+            [psutil.Process(pid) for _, workers in found for pid in sorted(workers)])
 
 
 def _process_report() -> str:
