@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve.bench_latency import KEY, routing_latency
+from serve.bench_latency import KEY, health, routing_latency
 from serve.bench_load import (
     free_port,
     run_load,
@@ -135,6 +135,7 @@ def bench_stack(cfg, plan, names: list[str], adapters: dict[str, Path], texts: l
         warm = [(n, t) for n in names for t in texts[:4]]  # every adapter, shapes compiled
         stack_load(warm)
         vllm_load(warm)
+        pinning = health(url).get("cpu_pinning")  # after warm-up: every replica is up
         setups = {"routed": [("auto", t) for t in texts],
                   "single": [(names[0], t) for t in texts],
                   "mixed": [(names[i % len(names)], t) for i, t in enumerate(texts)],
@@ -151,6 +152,7 @@ def bench_stack(cfg, plan, names: list[str], adapters: dict[str, Path], texts: l
                 done.append(stack_load(setups[name]))
                 chosen = chosen or runs["routed"][0].experts
         out = {name: median_run(rs) for name, rs in runs.items()}
+        out["cpu_pinning"] = pinning
         out["vllm_serve"]["command"] = " ".join(cmd[1:])
         out["routed"]["experts"] = {e: chosen.count(e) for e in sorted(set(chosen))}
         out["routed"]["same_choices_every_round"] = all(r.experts == chosen
@@ -294,6 +296,8 @@ def format_report(r: dict) -> str:
     for name, x in rows:
         lines.append(f"{name:<22} {x['tokens_per_s']:>8.1f} {x['requests_per_s']:>7.2f} "
                      f"{x['latency_p50_s']:>7.3f}")
+    if "cpu_pinning" in s:  # reports from before it was recorded lack it
+        lines.append(pinning_line(s["cpu_pinning"]))
     e = r["engine"]
     lines.append(f"\none engine, {e['requests']} requests x {e['max_tokens']} tokens "
                  f"({e['cpu_lora_ops']} LoRA ops)")
@@ -309,6 +313,14 @@ def format_report(r: dict) -> str:
     for k, v in r["ratios"].items():
         lines.append(f"{k:<26} {v:>7}   target {r['targets'][k]}")
     return "\n".join(lines)
+
+
+def pinning_line(p: dict | None) -> str:
+    """Where the stack's processes ran: a run whose pinning did not happen is not comparable."""
+    if not p:
+        return "stack CPU pinning: none (Serve's processes shared every core with vLLM's worker)"
+    return (f"stack CPU pinning: vLLM's worker on cores {p['worker_cpus']}, "
+            f"{p['processes']} Serve processes on {p['serve_cpus']}")
 
 
 def plot_report(r: dict, path: Path) -> Path:

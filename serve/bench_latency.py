@@ -42,12 +42,17 @@ def latency_summary(auto: list[float], forced: list[float]) -> dict:
             "overhead": round(diff / med_forced, 4)}
 
 
-def _router_time(url: str) -> tuple[float, float]:
-    """(seconds, batches) the router deployment spent routing, from /health."""
+def health(url: str) -> dict:
+    """The stack's /health."""
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/health") as r:
-        router = json.loads(r.read())["router"]
+        return json.loads(r.read())
+
+
+def _router_time(url: str) -> tuple[float, float]:
+    """(seconds, batches) the router deployment spent routing, from /health."""
+    router = health(url)["router"]
     return router.get("batch_seconds", 0.0), router.get("batches", 0)
 
 

@@ -24,3 +24,11 @@ def test_latency_overhead_pairs_cancel_drift():
     assert out["paired_diff_p50_s"] == 0.01
     assert out["overhead"] == round(0.010 / 1.15, 4)
     assert out["pairs"] == 12
+
+
+def test_the_report_says_where_the_stack_ran():
+    from serve.bench import pinning_line
+
+    line = pinning_line({"worker_cpus": [0], "serve_cpus": [1], "processes": 9})
+    assert line == "stack CPU pinning: vLLM's worker on cores [0], 9 Serve processes on [1]"
+    assert "none" in pinning_line(None)
