@@ -89,6 +89,11 @@ def serving_section(r: dict, assets: str) -> list[str]:
                 f"{lat.get('routing_call_mean_s')} s"
                 + (f", of which {lat['router_compute_mean_s']} s inside the router"
                    if lat.get("router_compute_mean_s") is not None else "") + "."]
+    if "cpu_pinning" in s:
+        from serve.bench import pinning_line
+
+        out += ["", pinning_line(s["cpu_pinning"]).replace("stack CPU pinning", "Stack CPU pinning")
+                + "."]
     one = e["setups"]["experts_1"]["tokens_per_s"]
     out += ["", f"One engine ({e['cpu_lora_ops']} LoRA ops), tokens/s by distinct experts in "
             "the batch: " + ", ".join(f"{k.replace('experts_', '')}: {v['tokens_per_s']:.0f}"
