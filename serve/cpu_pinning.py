@@ -61,10 +61,14 @@ def _processes() -> Iterator[tuple[int, int, str]]:
         yield int(entry.name), ppid, cmd
 
 
-def _descendants(root: int, table: list[tuple[int, int, str]]) -> set[int]:
+def _children(table: list[tuple[int, int, str]]) -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for pid, ppid, _ in table:
         children.setdefault(ppid, []).append(pid)
+    return children
+
+
+def _descendants(root: int, children: dict[int, list[int]]) -> set[int]:
     out, todo = set(), [root]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -100,16 +104,13 @@ def vllm_processes(root: int, table: list[tuple[int, int, str]] | None = None,
     CI machine that left 2 engine starts in 5 untitled. So an untitled spawned child counts by
     its place in the tree."""
     table = list(_processes()) if table is None else table
-    children: dict[int, list[int]] = {}
-    cmds = {}
-    for pid, ppid, cmd in table:
-        children.setdefault(ppid, []).append(pid)
-        cmds[pid] = cmd
+    children = _children(table)
+    cmds = {pid: cmd for pid, _, cmd in table}
 
     def title(pid: int) -> str:
         return cmds[pid].split(" ", 1)[0]
 
-    below = _descendants(root, table)
+    below = _descendants(root, children)
     workers = {pid for pid in below if WORKER_TITLE in title(pid)}
     cores = {pid for pid in below if ENGINE_TITLE in title(pid)}
     cores |= {pid for pid in children.get(root, []) if pid not in workers and SPAWNED in cmds[pid]}
@@ -127,7 +128,7 @@ def isolate_worker_cpus(app: str, root: int | None = None) -> Pinning | None:
         return None
     root = os.getpid() if root is None else root
     table = list(_processes())
-    below = _descendants(root, table)
+    below = _descendants(root, _children(table))
     _, workers = vllm_processes(root, table)
     worker_cpus: set[int] = set()
     for pid in workers:
