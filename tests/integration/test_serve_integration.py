@@ -281,13 +281,9 @@ def test_hot_add_without_restart(serve_app, client, tiny_model, tmp_path):
 
 
 def test_crashed_engine_is_restarted_and_serves_again(client):
-    import psutil
-
     # Only the engine under this test's engine replica: the specialize tests' session engine
     # (a child of this process too) and other users' engines must survive.
-    replicas = [p for p in psutil.process_iter(["cmdline"])
-                if "ServeReplica:selfspec:engine" in " ".join(p.info["cmdline"] or [])
-                and _in_this_session(p)]
+    replicas = [p for p in _our_replicas() if ":engine" in " ".join(p.info["cmdline"])]
     ours, _ = _vllm_processes(replicas)
     assert ours, f"no vLLM engine process under this test's engine replica\n{_process_report()}"
     for p in ours:
