@@ -115,12 +115,14 @@ def test_untitled_vllm_processes_are_found_by_their_place_in_the_tree(procs):
     # setproctitle can fail in vLLM's spawned processes (environment order): the engine core is
     # then the replica's spawned child and the worker the engine core's.
     engine = procs("ray::ServeReplica:demo:engine", "import os, subprocess, time; "
-                   f"c = subprocess.Popen({SPAWNED_CMD!r}, env={{**os.environ, 'CODE': "
-                   f"{UNTITLED_CORE!r}}}, stdout=subprocess.PIPE, text=True); "
-                   "print(c.pid, c.stdout.readline().strip(), flush=True); "
                    # multiprocessing's resource tracker: a child too, not an engine core
                    f"subprocess.Popen([{sys.executable!r}, '-c', 'from multiprocessing.resource_tracker"
-                   f" import main; {SLEEP}']); time.sleep(120)",
+                   f" import main; {SLEEP}']); "
+                   f"c = subprocess.Popen({SPAWNED_CMD!r}, env={{**os.environ, 'CODE': "
+                   f"{UNTITLED_CORE!r}}}, stdout=subprocess.PIPE, text=True); "
+                   # every child has run exec by now: a forked child that has not yet still
+                   # shows this process's command line, which names spawn_main
+                   "print(c.pid, c.stdout.readline().strip(), flush=True); time.sleep(120)",
                    stdout=subprocess.PIPE, text=True)
     core, worker = map(int, engine.stdout.readline().split())
     router = procs("ray::ServeReplica:demo:router")
