@@ -1,26 +1,53 @@
 """Append-only JSONL files that survive a crash: flushed and fsynced per batch, a torn last
-line (power cut, SIGKILL mid-write) is ignored on read."""
+line (power cut, SIGKILL mid-write) is ignored on read.
+
+Lines are split on b"\\n" only, on bytes: `str.splitlines()` also splits on U+2028, U+2029 and
+U+0085, which `json.dumps(ensure_ascii=False)` writes unescaped, so one generated answer holding
+U+2028 used to end the file there. A torn tail may stop inside a multi-byte UTF-8 character, so
+each line is decoded on its own and a tail that does not decode or parse is dropped.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
-def read_jsonl(path: Path) -> list[dict]:
+
+def _parse(path: Path) -> tuple[list[dict], bool]:
+    """(rows, clean): clean is False when a torn tail or a corrupt line was left out."""
     if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return [], True
+    data = path.read_bytes()
+    *whole, tail = data.split(b"\n")  # tail: the bytes after the last newline (b"" if none)
+    rows, clean = [], True
+    for i, line in enumerate(whole):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # only the last line can be torn: everything before it was fsynced whole
-    return rows
+            rows.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            # Only the last line can be torn (every append is fsynced whole), so a bad line in the
+            # middle is damage from elsewhere: skip it, keep the rows after it.
+            log.warning("%s line %d is not JSON: left out", path, i + 1)
+            clean = False
+    if tail:  # not ended by a newline: a torn write, cut off by resume_jsonl
+        try:
+            row = json.loads(tail.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):  # cut just before its newline: the row itself is whole
+            rows.append(row)
+        clean = False
+    return rows, clean
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return _parse(path)[0]
 
 
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -32,29 +59,30 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+def _replace(path: Path, text: str) -> None:
+    """Write beside, fsync, then rename: readers see the old or the new file, never a torn one.
+    The temp name is unique per process, so two writers never write into one temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    _replace(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    _replace(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def resume_jsonl(path: Path) -> list[dict]:
     """Rows of an interrupted append-only file, with a torn last line cut off so that new
     appends start on a clean line."""
-    rows = read_jsonl(path)
-    if path.exists():
-        text = path.read_text(encoding="utf-8")
-        whole = sum(1 for line in text.splitlines() if line.strip())
-        if whole != len(rows) or (text and not text.endswith("\n")):
-            write_jsonl(path, rows)
+    rows, clean = _parse(path)
+    if not clean:
+        write_jsonl(path, rows)
     return rows
