@@ -19,15 +19,20 @@ eval.json:
     columns           [<domains...>, "mixed"]  ("mixed": every evaluated item pooled)
     results           {target: {column: cell}}, cell = {
                          "n", "score": {"mean", "ci": [lo, hi]},
-                         "multiple_choice": {"n", "acc": CI, "acc_norm": CI},
+                         "score_generative": CI (the score with multiple choice generative),
+                         "multiple_choice": {"n", "acc": CI, "acc_norm": CI, "generative": CI,
+                                             "generative_invalid": share},
                          "yes_no" / "classification": {"n", "accuracy": CI, "macro_f1": CI,
                                                        "invalid": share},
                          "short_answer": {"n", "exact_match": CI, "rouge_l": CI}}
                       (a format absent from a domain is absent from its cell)
     comparisons       {"expert_vs_base": {expert: {"domain", "diff", "ci", "p_not_better"}},
-                       "auto_vs_base": {column: {"diff", "ci", "p_not_better"}}}
-                      paired bootstrap of the headline score over the same items
-    routing           {domain: {target: items}}: where `auto` sent each domain's items
+                       "auto_vs_base": {column: {"diff", "ci", "p_not_better"}},
+                       "generative": {"expert_vs_base": ..., "auto_vs_base": ...}}
+                      paired bootstrap of the headline score over the same items; under
+                      "generative", of score_generative
+    routing           {domain: {target: items}}: where `auto` sent each domain's items (their
+                      cloze turn; eval_items.jsonl has generative_routed_to per item)
     summary           {"experts_beat_base": [...], "experts_compared": n,
                        "auto_beats_base_on_mixed": bool|null}  (point estimates; see the CIs)
     timing_s          prepare_s, backend_start_s, route_s, score_s
@@ -43,13 +48,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from evaluation.backends import BASE
-from evaluation.formats import CLASSIFY, MAX_TOKENS, SHORT, YES_NO
+from evaluation.formats import CLASSIFY, LETTER, MAX_TOKENS, SHORT, YES_NO
 from evaluation.stats import CONFIDENCE, paired_diff
 
 SCHEMA_VERSION = 1
 AUTO, MIXED = "auto", "mixed"
 HEADLINE = ("score: mean over items of a per-item 0/1 score: acc_norm for multiple choice, "
             "accuracy for yes/no and classification, exact match for short answers")
+HEADLINE_GENERATIVE = ("score_generative: the same mean with the generated letter's 0/1 in place "
+                       "of acc_norm for multiple choice")
 
 
 def machine_facts() -> dict:
@@ -80,7 +87,7 @@ def machine_facts() -> dict:
 
 
 def build_report(plan, items, scores: dict[str, list], routed_to: list[str]) -> dict:
-    from evaluation.run import metrics, routing_counts
+    from evaluation.run import generative_score, metrics, routing_counts
 
     cfg = plan.cfg
     r, seed = cfg.resamples, cfg.seed
@@ -96,18 +103,23 @@ def build_report(plan, items, scores: dict[str, list], routed_to: list[str]) -> 
             idx = column(col)
             results[t][col] = metrics([items[i][1] for i in idx], [ss[i] for i in idx], r, seed)
 
-    def diff(a: str, b: str, col: str) -> dict:
+    def diff(a: str, b: str, col: str, score=lambda s: s.score) -> dict:
         idx = column(col)
-        return paired_diff([scores[a][i].score for i in idx], [scores[b][i].score for i in idx],
+        return paired_diff([score(scores[a][i]) for i in idx], [score(scores[b][i]) for i in idx],
                            r, seed)
 
-    expert_vs_base, auto_vs_base = {}, {}
-    if BASE in scores:
-        for t in scores:
-            if t in plan.domains:  # an expert is named after the domain it was carved for
-                expert_vs_base[t] = {"domain": t, **diff(t, BASE, t)}
-        if AUTO in scores:
-            auto_vs_base = {col: diff(AUTO, BASE, col) for col in columns}
+    def versus_base(score) -> tuple[dict, dict]:
+        expert_vs_base, auto_vs_base = {}, {}
+        if BASE in scores:
+            for t in scores:
+                if t in plan.domains:  # an expert is named after the domain it was carved for
+                    expert_vs_base[t] = {"domain": t, **diff(t, BASE, t, score)}
+            if AUTO in scores:
+                auto_vs_base = {col: diff(AUTO, BASE, col, score) for col in columns}
+        return expert_vs_base, auto_vs_base
+
+    expert_vs_base, auto_vs_base = versus_base(lambda s: s.score)
+    gen_expert_vs_base, gen_auto_vs_base = versus_base(generative_score)
     mixed_auto = auto_vs_base.get(MIXED)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -121,11 +133,15 @@ def build_report(plan, items, scores: dict[str, list], routed_to: list[str]) -> 
                      "experts": plan.served.experts, "skipped": plan.served.skipped},
         "settings": {
             "headline": HEADLINE,
+            "headline_generative": HEADLINE_GENERATIVE,
             "prompt": "zero-shot, one user turn in the base model's chat template",
             "formats": {
                 "multiple_choice": "user: question (+ input), options not listed; each "
                                    "option's text scored as the reply by summed log-likelihood; "
                                    "acc = argmax of the sum, acc_norm = argmax of sum / chars",
+                "multiple_choice_generative": "user: question (+ input), the options listed "
+                                              f"'A. ...' one a line, + '{LETTER}'; greedy, the "
+                                              "letter the reply starts with",
                 "yes_no": f"user: question (+ input) + '{YES_NO}'; greedy, first word",
                 "classification": f"user: question + input + '{CLASSIFY}'; greedy, the first "
                                   "label named",
@@ -140,7 +156,9 @@ def build_report(plan, items, scores: dict[str, list], routed_to: list[str]) -> 
         "targets": list(scores),
         "columns": columns,
         "results": results,
-        "comparisons": {"expert_vs_base": expert_vs_base, "auto_vs_base": auto_vs_base},
+        "comparisons": {"expert_vs_base": expert_vs_base, "auto_vs_base": auto_vs_base,
+                        "generative": {"expert_vs_base": gen_expert_vs_base,
+                                       "auto_vs_base": gen_auto_vs_base}},
         "routing": routing_counts(items, routed_to) if AUTO in scores else {},
         "summary": {
             "experts_beat_base": sorted(e for e, c in expert_vs_base.items() if c["diff"] > 0),
@@ -164,6 +182,19 @@ def _diff(c: dict) -> str:
     return f"{c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def _diff_table(comp: dict, what: str) -> list[str]:
+    if not (comp["expert_vs_base"] or comp["auto_vs_base"]):
+        return []
+    lines = ["", (f"Paired differences in {what} (same items; p = share of resamples where the "
+                  "first does not beat the second):"), "",
+             "| comparison | on | difference [95% CI] | p |", "|---|---|---|---|"]
+    for e, c in comp["expert_vs_base"].items():
+        lines.append(f"| {e} − base | {c['domain']} | {_diff(c)} | {c['p_not_better']:.3f} |")
+    for col, c in comp["auto_vs_base"].items():
+        lines.append(f"| auto − base | {col} | {_diff(c)} | {c['p_not_better']:.3f} |")
+    return lines
+
+
 def format_table(report: dict) -> str:
     cols, res = report["columns"], report["results"]
     lines = [(f"Headline {report['settings']['headline']}; 95% bootstrap intervals in brackets "
@@ -177,25 +208,27 @@ def format_table(report: dict) -> str:
                  for c in cols]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     comp = report["comparisons"]
-    if comp["expert_vs_base"] or comp["auto_vs_base"]:
-        lines += ["", ("Paired differences in the headline score (same items; p = share of "
-                  "resamples where the first does not beat the second):"), "",
-                  "| comparison | on | difference [95% CI] | p |", "|---|---|---|---|"]
-        for e, c in comp["expert_vs_base"].items():
-            lines.append(f"| {e} − base | {c['domain']} | {_diff(c)} | {c['p_not_better']:.3f} |")
-        for col, c in comp["auto_vs_base"].items():
-            lines.append(f"| auto − base | {col} | {_diff(c)} | {c['p_not_better']:.3f} |")
+    lines += _diff_table(comp, "the headline score")
+    lines += ["", ("Multiple choice asked generatively (options listed, the letter generated): "
+                   f"{report['settings']['headline_generative']}."), "",
+              "| target | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for t in report["targets"]:
+        lines.append(f"| {t} | " + " | ".join(_ci(res[t][c]["score_generative"]) for c in cols)
+                     + " |")
+    lines += _diff_table(comp["generative"], "score_generative")
     lines += ["", "By format, on every item pooled (mixed):", "",
-              ("| target | MC acc | MC acc_norm | yes/no acc | yes/no F1 | class. acc | class. F1 "
-              "| short EM | short ROUGE-L |"), "|---|" + "---|" * 8]
+              ("| target | MC acc | MC acc_norm | MC letter | MC no letter | yes/no acc | yes/no F1 "
+               "| class. acc | class. F1 | short EM | short ROUGE-L |"), "|---|" + "---|" * 10]
     for t in report["targets"]:
         m = res[t][MIXED]
         keys = [("multiple_choice", "acc"), ("multiple_choice", "acc_norm"),
+                ("multiple_choice", "generative"), ("multiple_choice", "generative_invalid"),
                 ("yes_no", "accuracy"), ("yes_no", "macro_f1"), ("classification", "accuracy"),
                 ("classification", "macro_f1"), ("short_answer", "exact_match"),
                 ("short_answer", "rouge_l")]
         lines.append(f"| {t} | " + " | ".join(
-            f"{m[f][k]['mean']:.2f}" if f in m else "-" for f, k in keys) + " |")
+            (f"{v['mean']:.2f}" if isinstance(v, dict) else f"{v:.2f}")
+            if (v := m.get(f, {}).get(k)) is not None else "-" for f, k in keys) + " |")
     if report["routing"]:
         lines += ["", "Where `auto` sent each domain's items:", ""]
         for d, c in report["routing"].items():

@@ -29,6 +29,18 @@ def _ci(c: dict) -> str:
     return f"{c['mean']:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
+def _comparisons(comp: dict) -> list[str]:
+    out = ["", "| comparison (paired bootstrap) | difference | 95% interval | P(not better) |",
+           "|---|---|---|---|"]
+    for name, c in comp.get("expert_vs_base", {}).items():
+        out.append(f"| {name} − base on {c['domain']} | {c['diff']:+.3f} | "
+                   f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['p_not_better']:.2f} |")
+    for col, c in comp.get("auto_vs_base", {}).items():
+        out.append(f"| auto − base on {col} | {c['diff']:+.3f} | "
+                   f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['p_not_better']:.2f} |")
+    return out
+
+
 def eval_section(r: dict, assets: str) -> list[str]:
     cols = r["columns"]
     m = r["machine"]
@@ -46,14 +58,17 @@ def eval_section(r: dict, assets: str) -> list[str]:
         out.append(f"| {t} | " + " | ".join(_ci(cells[c]["score"]) if c in cells else "–"
                                             for c in cols) + " |")
     comp = r["comparisons"]
-    out += ["", "| comparison (paired bootstrap) | difference | 95% interval | P(not better) |",
-            "|---|---|---|---|"]
-    for name, c in comp.get("expert_vs_base", {}).items():
-        out.append(f"| {name} − base on {c['domain']} | {c['diff']:+.3f} | "
-                   f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['p_not_better']:.2f} |")
-    for col, c in comp.get("auto_vs_base", {}).items():
-        out.append(f"| auto − base on {col} | {c['diff']:+.3f} | "
-                   f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['p_not_better']:.2f} |")
+    out += _comparisons(comp)
+    gen = comp.get("generative")
+    if gen is not None:  # reports written before generative multiple choice have none
+        out += ["", "The same, with multiple choice asked as users ask (the options listed, "
+                "\"Answer with the letter.\", the generated letter scored) instead of cloze:", "",
+                "| target | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for t in r["targets"]:
+            cells = r["results"][t]
+            out.append(f"| {t} | " + " | ".join(
+                _ci(cells[c]["score_generative"]) if c in cells else "–" for c in cols) + " |")
+        out += _comparisons(gen)
     s = r["summary"]
     out += ["", f"Experts beating the base on their own domain (point estimate): "
             f"{len(s['experts_beat_base'])} of {s['experts_compared']} "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from evaluation.backends import BASE, Request, Served
@@ -22,6 +22,7 @@ from evaluation.formats import (
     FORMATS,
     MAX_TOKENS,
     ItemScore,
+    letter_text,
     score_generation,
     score_multiple_choice,
     user_text,
@@ -134,7 +135,8 @@ def open_backend(plan: EvalPlan):
     engine_plan, registry = plan.direct
     return DirectBackend(cfg.experts_dir, plan.served, engine_plan, registry,
                          EngineConfig(max_model_len=cfg.max_model_len,
-                                      kv_cache_gib=cfg.kv_cache_gib), need_router=plan.auto)
+                                      kv_cache_gib=cfg.kv_cache_gib, dtype=cfg.dtype),
+                         need_router=plan.auto)
 
 
 def _tokenizer_path(plan: EvalPlan) -> str:
@@ -150,20 +152,36 @@ def _tokenizer_path(plan: EvalPlan) -> str:
 
 # ---------------------------------------------------------------- scoring
 def _requests(backend, item: EvalItem, target: str) -> tuple[list[Request], int]:
-    """The item's requests for one target, and the length of their shared context."""
+    """The item's requests for one target, and the length of their shared context. Multiple
+    choice: one per option (cloze), then the generative request with the options listed."""
     ctx = backend.tokens.chat(user_text(item))
     if item.type == "multiple_choice":
-        return [Request(target, ctx + backend.tokens.text(opt), 1, True)
-                for opt in item.options or []], len(ctx)
+        cloze = [Request(target, ctx + backend.tokens.text(opt), 1, True)
+                 for opt in item.options or []]
+        letter = Request(target, backend.tokens.chat(letter_text(item)), MAX_TOKENS["generative"])
+        return [*cloze, letter], len(ctx)
     return [Request(target, ctx, MAX_TOKENS[item.type])], len(ctx)
 
 
 def _score(item: EvalItem, n_ctx: int, results) -> tuple[ItemScore, dict]:
     if item.type == "multiple_choice":
         # An option's log-likelihood: the sum over its own tokens, after the shared context.
-        logliks = [round(sum(r.prompt_logprobs[n_ctx:]), 6) for r in results]
-        return score_multiple_choice(item, logliks), {"logliks": logliks}
+        *cloze, letter = results
+        logliks = [round(sum(r.prompt_logprobs[n_ctx:]), 6) for r in cloze]
+        return (score_multiple_choice(item, logliks, letter.text),
+                {"logliks": logliks, "generative_reply": letter.text})
     return score_generation(item, results[0].text), {"reply": results[0].text}
+
+
+def _auto_score(main: tuple[ItemScore, dict], letter: tuple[ItemScore, dict]) -> tuple:
+    """auto on a multiple-choice item: the cloze part from the target its cloze turn was routed
+    to, the generative part from the target its options-listed turn was routed to."""
+    (s, extra), (g, g_extra) = main, letter
+    if s is g:
+        return main
+    s = replace(s, generative=g.generative, generative_pred=g.generative_pred,
+                generative_valid=g.generative_valid)
+    return s, {**extra, "generative_reply": g_extra.get("generative_reply")}
 
 
 def evaluate(cfg: EvalConfig, backend_factory=open_backend, progress=None) -> tuple[dict, list]:
@@ -188,14 +206,20 @@ def evaluate(cfg: EvalConfig, backend_factory=open_backend, progress=None) -> tu
         plan.matrix = [t for t in plan.matrix if t not in lost]
         t0 = time.perf_counter()
         routed: list[str | None] = []
+        mc = [i for i, (_, it) in enumerate(items) if it.type == "multiple_choice"]
         if plan.auto:
-            routed = backend.route([user_text(it) for _, it in items])
+            # The generative multiple-choice turn lists the options: the server routes that
+            # text, which may pick another expert than the question alone.
+            routed = backend.route([user_text(it) for _, it in items]
+                                   + [letter_text(items[i][1]) for i in mc])
         plan.timing["route_s"] = round(time.perf_counter() - t0, 2)
-        routed_to = [r or BASE for r in routed]
+        routed_to = [r or BASE for r in routed[:len(items)]]
+        routed_letter = dict(zip(mc, [r or BASE for r in routed[len(items):]]))
         # Every (target, item) cell needed: the matrix, plus the routed target's cells that the
         # matrix lacks (an `auto`-only run scores just the chosen expert per item).
         cells = {(t, i) for t in plan.matrix for i in range(len(items))}
         cells |= {(t, i) for i, t in enumerate(routed_to)}
+        cells |= {(t, i) for i, t in routed_letter.items()}
         order = sorted(cells, key=lambda c: (items[c[1]][1].type != "multiple_choice", c))
         reqs = {c: _requests(backend, items[c[1]][1], c[0]) for c in order}
         flat = [r for c in order for r in reqs[c][0]]
@@ -214,7 +238,8 @@ def evaluate(cfg: EvalConfig, backend_factory=open_backend, progress=None) -> tu
         at += n
     per_target = {t: [scored[(t, i)] for i in range(len(items))] for t in plan.matrix}
     if plan.auto:
-        per_target[AUTO] = [scored[(t, i)] for i, t in enumerate(routed_to)]
+        per_target[AUTO] = [_auto_score(scored[(t, i)], scored[(routed_letter.get(i, t), i)])
+                            for i, t in enumerate(routed_to)]
     rows = []
     for t, cells_t in per_target.items():
         for i, (s, extra) in enumerate(cells_t):
@@ -223,6 +248,8 @@ def evaluate(cfg: EvalConfig, backend_factory=open_backend, progress=None) -> tu
                    **extra}
             if t == AUTO:
                 row["routed_to"] = routed_to[i]
+                if i in routed_letter:
+                    row["generative_routed_to"] = routed_letter[i]
             rows.append(row)
     report = build_report(plan, items, {t: [s for s, _ in v] for t, v in per_target.items()},
                           routed_to)
@@ -232,7 +259,9 @@ def evaluate(cfg: EvalConfig, backend_factory=open_backend, progress=None) -> tu
 def metrics(items: list[EvalItem], scores: list[ItemScore], resamples: int, seed: int) -> dict:
     """One cell of the table: the headline with its interval, then each format's metrics."""
     out: dict = {"n": len(items),
-                 "score": mean_ci([s.score for s in scores], resamples, seed)}
+                 "score": mean_ci([s.score for s in scores], resamples, seed),
+                 "score_generative": mean_ci([generative_score(s) for s in scores],
+                                             resamples, seed)}
     for fmt in FORMATS:
         sel = [s for it, s in zip(items, scores) if it.type == fmt]
         if not sel:
@@ -241,6 +270,8 @@ def metrics(items: list[EvalItem], scores: list[ItemScore], resamples: int, seed
         if fmt == "multiple_choice":
             m["acc"] = mean_ci([s.acc for s in sel], resamples, seed)
             m["acc_norm"] = mean_ci([s.score for s in sel], resamples, seed)
+            m["generative"] = mean_ci([s.generative for s in sel], resamples, seed)
+            m["generative_invalid"] = round(sum(not s.generative_valid for s in sel) / len(sel), 4)
         elif fmt == "short_answer":
             m["exact_match"] = mean_ci([s.score for s in sel], resamples, seed)
             m["rouge_l"] = mean_ci([s.rouge_l for s in sel], resamples, seed)
@@ -251,6 +282,11 @@ def metrics(items: list[EvalItem], scores: list[ItemScore], resamples: int, seed
             m["invalid"] = round(sum(not s.valid for s in sel) / len(sel), 4)
         out[fmt] = m
     return out
+
+
+def generative_score(s: ItemScore) -> float:
+    """The per-item score with multiple choice asked generatively (the letter) instead of cloze."""
+    return s.score if s.generative is None else s.generative
 
 
 def routing_counts(items, routed_to: list[str]) -> dict:

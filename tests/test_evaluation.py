@@ -11,8 +11,10 @@ from evaluation.backends import Result, Served
 from evaluation.config import build_eval_config
 from evaluation.formats import (
     first_line,
+    letter_text,
     normalize,
     parse_label,
+    parse_letter,
     parse_yes_no,
     score_generation,
     score_multiple_choice,
@@ -75,6 +77,49 @@ def test_multiple_choice_acc_and_acc_norm_differ_on_length():
     it = item(type="multiple_choice", options=["IgM", "Immunoglobulin G antibodies"], answer="B")
     s = score_multiple_choice(it, [-3.0, -10.0])  # per char: -1.0 vs -0.37
     assert (s.acc, s.score, s.pred, s.gold) == (0.0, 1.0, "B", "B")
+    assert s.generative is None and "generative" not in s.to_json()  # no reply, no score
+
+
+@pytest.mark.parametrize("reply,want", [
+    ("B", "B"),
+    ("B.", "B"),
+    (" (C) Tricuspid valve", "C"),
+    ("D) Pulmonary valve", "D"),
+    ("A. Aortic valve\nBecause ...", "A"),
+    ("**B**", "B"),
+    ("Answer: C", "C"),
+    ("The answer is (D).", "D"),
+    ("Option A", "A"),
+    ("b", "B"),
+    ("c)", "C"),
+    ("\n\nB: Mitral valve", "B"),
+    ("A mitral valve separates them.", None),  # an article, not a choice
+    ("I think it is B.", None),  # a pronoun; the letter must open the reply
+    ("E", None),  # not one of the four options
+    ("Based on anatomy, B.", None),
+    ("Mitral valve", None),
+    ("a good question", None),
+    ("", None),
+])
+def test_parse_letter(reply, want):
+    assert parse_letter(reply, 4) == want
+
+
+def test_letter_text_lists_the_options():
+    it = item(type="multiple_choice", options=["IgM", "IgG"], answer="A", input="ctx")
+    assert letter_text(it) == "Q?\n\nctx\n\nA. IgM\nB. IgG\n\nAnswer with the letter."
+
+
+def test_multiple_choice_generative_beside_cloze():
+    it = item(type="multiple_choice", options=["IgM", "IgG", "IgA"], answer="C")
+    right = score_multiple_choice(it, [-1.0, -2.0, -3.0], "C. IgA")
+    assert (right.score, right.generative, right.generative_pred, right.generative_valid) == \
+        (0.0, 1.0, "C", True)  # cloze wrong, letter right: scored apart
+    wrong = score_multiple_choice(it, [-3.0, -2.0, -1.0], "A")
+    assert (wrong.score, wrong.generative, wrong.generative_pred) == (1.0, 0.0, "A")
+    none = score_multiple_choice(it, [-3.0, -2.0, -1.0], "It is IgA.")
+    assert (none.generative, none.generative_pred, none.generative_valid) == (0.0, None, False)
+    assert none.to_json()["generative_valid"] is False
 
 
 def test_generation_scores():
@@ -148,12 +193,16 @@ class FakeTokens:
 
 class FakeBackend:
     """Each expert knows its own domain perfectly and nothing else; the base model knows
-    nothing. The router sends every item to the expert named after its domain."""
+    nothing. The router sends every item to the expert named after its domain. Asked for a
+    letter, who knows answers "The answer is (X)."; who does not, "I am not sure." (no letter)."""
 
     def __init__(self, domains):
         self.tokens = FakeTokens()
         self.by_user = {user_text(it): (d, it) for d, its in domains.items() for it in its}
+        self.letters = {letter_text(it): (d, it) for d, its in domains.items() for it in its
+                        if it.type == "multiple_choice"}
         self.closed = False
+        self.by_user |= self.letters
 
     def route(self, users):
         return [self.by_user[u][0] if self.by_user[u][0] != "law" else None for u in users]
@@ -165,7 +214,10 @@ class FakeBackend:
             user = text[3:text.index("</u><a>")]
             domain, it = self.by_user[user]
             knows = r.target == domain
-            if r.logprobs:
+            if user in self.letters:
+                assert not r.logprobs and r.max_tokens == 8
+                out.append(Result(f"The answer is ({it.answer})." if knows else "I am not sure."))
+            elif r.logprobs:
                 option = text[text.index("</u><a>") + 7:]
                 right = option == it.options[ord(it.answer) - 65]
                 # who knows prefers the right option, who does not prefers any other one
@@ -222,11 +274,20 @@ def test_evaluate_with_fake_backend(fake_served, tmp_path):
     assert report["summary"] == {"experts_beat_base": ["finance", "law"], "experts_compared": 2,
                                  "auto_beats_base_on_mixed": True}
     cell = res["law"]["law"]
-    assert set(cell) == {"n", "score", "multiple_choice", "yes_no", "classification",
-                         "short_answer"}
+    assert set(cell) == {"n", "score", "score_generative", "multiple_choice", "yes_no",
+                         "classification", "short_answer"}
     assert set(cell["yes_no"]) == {"n", "accuracy", "macro_f1", "invalid"}
-    assert set(cell["multiple_choice"]) == {"n", "acc", "acc_norm"}
+    assert set(cell["multiple_choice"]) == {"n", "acc", "acc_norm", "generative",
+                                            "generative_invalid"}
     assert res["base"]["law"]["yes_no"]["invalid"] == 1.0
+    # generative multiple choice, beside the cloze score
+    assert res["finance"]["finance"]["multiple_choice"]["generative"]["mean"] == 1.0
+    assert res["finance"]["finance"]["score_generative"]["mean"] == 1.0
+    assert res["base"]["finance"]["multiple_choice"]["generative_invalid"] == 1.0
+    assert res["base"]["mixed"]["score_generative"] == res["base"]["mixed"]["score"]
+    gen = cmp["generative"]
+    assert gen["expert_vs_base"]["finance"]["diff"] == 1.0 and \
+        gen["auto_vs_base"]["mixed"]["diff"] == 0.5
     assert report["registry"]["revision"] == 7 and report["backend"]["kind"] == "vllm"
     assert len(rows) == 4 * 16 and {r["routed_to"] for r in rows if r["target"] == "auto"} == \
         {"finance", "base"}
@@ -239,6 +300,37 @@ def test_evaluate_with_fake_backend(fake_served, tmp_path):
     table = format_table(report)
     assert "| finance | **1.00 [1.00, 1.00]** | 0.00 [0.00, 0.00] |" in table
     assert "| auto − base | mixed | +0.500" in table
+    assert "Paired differences in score_generative" in table
+    from evaluation.results import eval_section  # README Results: generative beside cloze
+
+    readme = "\n".join(eval_section(report, "docs/results"))
+    assert readme.count("| finance − base on finance | +1.000 |") == 2
+    assert "\"Answer with the letter.\"" in readme
+    assert "| base | 0.00 | 0.00 | 0.00 | 1.00 |" in table  # MC acc, acc_norm, letter, no letter
+    mc_rows = [r for r in rows if r["type"] == "multiple_choice"]
+    assert all(r["generative_reply"] for r in mc_rows)
+    assert all(r["generative_routed_to"] == r["routed_to"] for r in mc_rows
+               if r["target"] == "auto")
+
+
+def test_auto_routes_the_generative_turn_on_its_own(fake_served, tmp_path):
+    """The options-listed turn is routed as the server would route it: here the router sends
+    it to the base model, so auto's letter comes from base while its cloze is the expert's."""
+
+    class Split(FakeBackend):
+        def route(self, users):
+            return [None if u in self.letters else self.by_user[u][0] for u in users]
+
+    cfg = build_eval_config(experts_dir=fake_served, domains=["finance"], limit=8,
+                            targets=["base", "auto"], resamples=100)
+    report, rows = evaluate(cfg, backend_factory=lambda plan: Split(plan.domains),
+                            progress=_Bar())
+    auto = report["results"]["auto"]["finance"]["multiple_choice"]
+    assert auto["acc_norm"]["mean"] == 1.0 and auto["generative"]["mean"] == 0.0
+    assert auto["generative_invalid"] == 1.0
+    mc = [r for r in rows if r["target"] == "auto" and r["type"] == "multiple_choice"]
+    assert mc and all((r["routed_to"], r["generative_routed_to"]) == ("finance", "base")
+                      and r["generative_reply"] == "I am not sure." for r in mc)
 
 
 def test_auto_only_scores_just_the_routed_cells(fake_served, tmp_path):
@@ -254,7 +346,9 @@ def test_auto_only_scores_just_the_routed_cells(fake_served, tmp_path):
     report, _ = evaluate(cfg, backend_factory=lambda plan: Recording(plan.domains),
                          progress=_Bar())
     assert report["targets"] == ["auto"] and set(seen) == {"finance", "base"}
-    assert report["comparisons"] == {"expert_vs_base": {}, "auto_vs_base": {}}
+    assert report["comparisons"] == {
+        "expert_vs_base": {}, "auto_vs_base": {},
+        "generative": {"expert_vs_base": {}, "auto_vs_base": {}}}
     assert report["summary"]["auto_beats_base_on_mixed"] is None
 
 

@@ -57,17 +57,35 @@ def test_direct_eval_writes_the_report(direct_run):
     assert len(rows) == 4 * 2 * LIMIT
     mc = [r for r in rows if r["type"] == "multiple_choice"]
     assert mc and all(len(r["logliks"]) == 4 and all(x < 0 for x in r["logliks"]) for r in mc)
+    # generative multiple choice ran for real: a greedy reply per item and target, scored as
+    # the letter it starts with (the tiny random model rarely starts with one: then invalid)
+    assert all(isinstance(r["generative_reply"], str) and r["generative"] in (0.0, 1.0)
+               and r["generative_valid"] == (r.get("generative_pred") in ("A", "B", "C", "D"))
+               for r in mc)
+    for t in report["targets"]:
+        m = report["results"][t]["mixed"]
+        gen = m["multiple_choice"]["generative"]
+        assert gen["ci"][0] <= gen["mean"] <= gen["ci"][1]
+        assert 0.0 <= m["multiple_choice"]["generative_invalid"] <= 1.0
+        assert m["score_generative"]["mean"] is not None
+    assert set(report["comparisons"]["generative"]) == {"expert_vs_base", "auto_vs_base"}
     gen = [r for r in rows if r["type"] != "multiple_choice"]
     assert all(isinstance(r["reply"], str) for r in gen)
     # each adapter really changes what is scored: the experts' log-likelihoods differ from base
     cells = _by_cell(rows)
     assert any(cells[("finance", r["id"])]["logliks"] != r["logliks"]
                for r in mc if r["target"] == "base")
+    # auto's generative turn lists the options and is routed on its own
+    assert all(r["generative_routed_to"] in report["targets"] for r in mc
+               if r["target"] == "auto")
     # auto: each item scored exactly as the cell of the target it was routed to
     for r in rows:
         if r["target"] == "auto":
             same = cells[(r["routed_to"], r["id"])]
             assert (r["score"], r.get("pred")) == (same["score"], same.get("pred"))
+            if r["type"] == "multiple_choice":
+                letter = cells[(r["generative_routed_to"], r["id"])]
+                assert r["generative_reply"] == letter["generative_reply"]
 
 
 def test_http_backend_gives_the_same_numbers(direct_run, serve_app):
@@ -89,6 +107,11 @@ def test_http_backend_gives_the_same_numbers(direct_run, serve_app):
             assert r["reply"] == s["reply"], key
         else:  # same tokens, same adapter; only batch composition differs between the two
             assert r["logliks"] == pytest.approx(s["logliks"], abs=2e-2), key
+            # the generative turn is greedy over the same tokens: the same letter reply
+            assert (r["generative_reply"], r.get("generative_pred"),
+                    r.get("generative_routed_to")) == \
+                (s["generative_reply"], s.get("generative_pred"),
+                 s.get("generative_routed_to")), key
     for t in direct["targets"]:
         for col in direct["columns"]:
             assert http["results"][t][col] == direct["results"][t][col], (t, col)
