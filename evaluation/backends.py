@@ -27,6 +27,7 @@ from pathlib import Path
 
 from specialize.engine import TokenRequest
 from specialize.errors import SelfspecError
+from specialize.precision import precision_facts
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Served:
     """What a backend can evaluate: found before any model is loaded."""
 
     kind: str  # "vllm" | "http"
-    base_model: dict  # {"spec", "path"}
+    base_model: dict  # {"spec", "path", "precision": the CPU's instruction set and dtype}
     experts: dict[str, dict]  # name -> {"version", "lora_name"}
     skipped: dict[str, str] = field(default_factory=dict)  # expert -> why it is left out
     registry_revision: int | None = None
@@ -110,6 +111,9 @@ class DirectBackend:
         self.engine = VllmGenerator(plan.base_path, engine_cfg or EngineConfig(kv_cache_gib=1),
                                     max_lora_rank=plan.max_lora_rank, max_loras=plan.max_loras,
                                     lora_target_modules=plan.target_modules)
+        served.base_model["precision"] = {
+            **precision_facts(self.engine.cfg_dtype, self.engine.dtype),
+            "engine_dtype": self.engine.engine_dtype}
         self.tokens = ChatTokens(self.engine.tokenizer)
         self.adapters: dict[str, Adapter] = {}
         from vllm.lora.request import LoRARequest
@@ -177,15 +181,16 @@ def probe_endpoint(endpoint: str, api_key: str | None, timeout: float = 10.0) ->
         raise SelfspecError(f"{endpoint} lists no 'base' model: it is not a selfspec server")
     experts = {c["id"]: {"version": c.get("version"), "lora_name": c.get("root")}
                for c in cards if c.get("id") not in (BASE, "auto")}
-    revision = None
+    revision, precision = None, None
     try:
         health = httpx.get(f"{endpoint.rstrip('/').removesuffix('/v1')}/health", timeout=timeout)
         revision = health.json().get("registry_revision")
+        precision = health.json().get("precision")  # the server's CPU and engine dtype
     except (httpx.HTTPError, ValueError):
         pass  # the revision is a fact for the report, not needed to evaluate
     aliases = [a for a in base_card.get("aliases") or [] if a != BASE]
     spec = aliases[0] if aliases else base_card.get("root")
-    return Served("http", {"spec": spec, "path": base_card.get("root")},
+    return Served("http", {"spec": spec, "path": base_card.get("root"), "precision": precision},
                   dict(sorted(experts.items())), dict(models.json().get("skipped") or {}),
                   revision, endpoint)
 

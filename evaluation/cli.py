@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from specialize.precision import DTYPES
+
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -39,6 +41,9 @@ def add_parsers(sub) -> None:
                    help="N items per domain, spread over the item types (a quick look)")
     p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (1000)")
     p.add_argument("--concurrency", type=int, default=None, help="HTTP requests in flight (8)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="engine precision: auto = bf16 where the CPU has AMX/AVX512-BF16 (or on a GPU), "
+                   "float32 on other CPUs (default: %(default)s)")
     p.set_defaults(func=run_eval)
 
 
@@ -64,7 +69,7 @@ def run_eval(args) -> int:
     cfg = build_eval_config(
         experts_dir=args.experts_dir, domains=args.domains, targets=args.targets, out=args.out,
         endpoint=args.endpoint, limit=args.limit, resamples=args.resamples,
-        concurrency=args.concurrency, tokenizer=args.tokenizer,
+        concurrency=args.concurrency, tokenizer=args.tokenizer, dtype=args.dtype,
         api_key=args.api_key or (os.environ.get("SELFSPEC_API_KEY") if args.endpoint else None))
     t0 = time.perf_counter()
     report, rows = evaluate(cfg)

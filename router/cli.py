@@ -43,6 +43,9 @@ def add_parsers(sub) -> None:
     b.add_argument("--requests", type=_at_least_1, default=96, help="serving: requests per run")
     b.add_argument("--max-tokens", type=_at_least_1, default=16, help="serving: tokens per answer")
     b.add_argument("--concurrency", type=_at_least_1, default=32, help="serving: in flight")
+    b.add_argument("--dtype", choices=("auto", "bfloat16", "float32", "float16"), default="auto",
+                   help="serving: engine precision for the stack and its baselines (auto: bf16 "
+                   "only where the CPU has AMX/AVX512-BF16; default %(default)s)")
     b.add_argument("--rounds", type=_at_least_1, default=5,
                    help="serving: alternating rounds over the setups, medians reported (5)")
     b.add_argument("--latency-pairs", type=_at_least_1, default=24,

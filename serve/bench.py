@@ -40,6 +40,7 @@ from serve.bench_load import (
     vllm_serve_command,
     wait_http,
 )
+from specialize.precision import precision_facts, resolve_dtype
 
 
 def run_serving_bench(args) -> int:
@@ -56,13 +57,15 @@ def run_serving_bench(args) -> int:
                   file=sys.stderr)
             experts_dir, synthetic = synthetic_registry(Path(tmp)), True
         cfg = resolve_config({"experts_dir": experts_dir, "registry_poll_s": 0,
-                              "api_key": KEY})
+                              "api_key": KEY,
+                              "engine": {"dtype": getattr(args, "dtype", "auto")}})
         registry = load_registry(experts_dir)
         plan = plan_engine(cfg, registry)
         names = sorted(registry.experts)
         adapters = {n: adapter_dir(registry.experts[n], experts_dir) for n in names}
         texts = workload(registry, args.requests)
         report = {"machine": machine(), "synthetic_adapters": synthetic,
+                  "precision": precision_facts(cfg.engine.dtype, resolve_dtype(cfg.engine.dtype)),
                   "experts": names, "base_model": str(plan.base_path),
                   "requests": args.requests, "max_tokens": args.max_tokens,
                   "concurrency": args.concurrency}
@@ -135,7 +138,8 @@ def bench_stack(cfg, plan, names: list[str], adapters: dict[str, Path], texts: l
         warm = [(n, t) for n in names for t in texts[:4]]  # every adapter, shapes compiled
         stack_load(warm)
         vllm_load(warm)
-        pinning = health(url).get("cpu_pinning")  # after warm-up: every replica is up
+        facts = health(url)  # after warm-up: every replica is up
+        pinning, precision = facts.get("cpu_pinning"), facts.get("precision")
         setups = {"routed": [("auto", t) for t in texts],
                   "single": [(names[0], t) for t in texts],
                   "mixed": [(names[i % len(names)], t) for i, t in enumerate(texts)],
@@ -153,6 +157,7 @@ def bench_stack(cfg, plan, names: list[str], adapters: dict[str, Path], texts: l
                 chosen = chosen or runs["routed"][0].experts
         out = {name: median_run(rs) for name, rs in runs.items()}
         out["cpu_pinning"] = pinning
+        out["precision"] = precision
         out["vllm_serve"]["command"] = " ".join(cmd[1:])
         out["routed"]["experts"] = {e: chosen.count(e) for e in sorted(set(chosen))}
         out["routed"]["same_choices_every_round"] = all(r.experts == chosen
@@ -186,7 +191,8 @@ def bench_engine(plan, cfg, adapters: dict[str, Path], texts: list[str], args,
     spec = {"base": str(plan.base_path), "adapters": [str(p) for p in adapters.values()],
             "tmp": str(tmp / "synthetic"), "texts": texts, "max_tokens": args.max_tokens,
             "max_lora_rank": plan.max_lora_rank, "max_model_len": cfg.engine.max_model_len,
-            "max_num_seqs": cfg.engine.max_num_seqs, "rounds": args.rounds}
+            "max_num_seqs": cfg.engine.max_num_seqs, "rounds": args.rounds,
+            "dtype": resolve_dtype(cfg.engine.dtype)}
     (tmp / "engine_spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gib),
            "VLLM_LOGGING_LEVEL": "WARNING"}
@@ -296,6 +302,10 @@ def format_report(r: dict) -> str:
     for name, x in rows:
         lines.append(f"{name:<22} {x['tokens_per_s']:>8.1f} {x['requests_per_s']:>7.2f} "
                      f"{x['latency_p50_s']:>7.3f}")
+    if r.get("precision"):  # reports from before it was recorded lack it
+        p = r["precision"]
+        lines.append(f"precision: {p['dtype']} (asked {p['dtype_requested']}) on "
+                     f"{p['cpu']['model']}, {p['cpu']['isa']}")
     if "cpu_pinning" in s:  # reports from before it was recorded lack it
         lines.append(pinning_line(s["cpu_pinning"]))
     e = r["engine"]

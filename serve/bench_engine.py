@@ -78,7 +78,7 @@ def run(spec: dict) -> dict:
     llm = LLM(str(base), enable_lora=True, max_lora_rank=spec["max_lora_rank"],
               max_loras=n_max, max_cpu_loras=n_max, max_model_len=spec["max_model_len"],
               max_num_seqs=spec["max_num_seqs"], gpu_memory_utilization=0.5,
-              enable_prefix_caching=False, seed=0)
+              enable_prefix_caching=False, seed=0, dtype=spec.get("dtype", "auto"))
     tok = llm.get_tokenizer()
     prompts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                        add_generation_prompt=True) for t in spec["texts"]]

@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specialize.precision import resolve_dtype
+
 
 @dataclass
 class LoadResult:
@@ -97,6 +99,7 @@ def vllm_serve_command(base: Path, adapters: dict[str, Path], port: int, plan, c
     cannot find its own metadata, so the same server is started as a module."""
     e = cfg.engine
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+            "--dtype", resolve_dtype(e.dtype),  # the stack's choice, so the two compare
             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(e.max_model_len),
             "--max-num-seqs", str(e.max_num_seqs), "--gpu-memory-utilization",
             str(e.gpu_memory_utilization), "--seed", str(e.seed), "--enable-lora",

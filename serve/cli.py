@@ -66,6 +66,16 @@ def _serve_flags(p) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 and /admin "
                    "(default: $SELFSPEC_API_KEY; unset: open)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32", "float16"), default=None,
+                   help="engine precision (default: the config's engine.dtype, else auto: bf16 "
+                   "on GPUs and CPUs with AMX/AVX512-BF16, float32 on other CPUs)")
+
+
+def with_dtype(app_args: dict, dtype: str | None) -> dict:
+    """The Serve app's args with --dtype, when given, over the config file's engine.dtype."""
+    if dtype is None:
+        return app_args
+    return {**app_args, "engine": {**(app_args.get("engine") or {}), "dtype": dtype}}
 
 
 def deploy_settings(path: Path | None) -> dict:
@@ -98,7 +108,8 @@ def run_serve(args) -> int:
     from serve.app import resolve_config
 
     settings = deploy_settings(args.config)
-    cfg = resolve_config(settings["args"], experts_dir=args.experts_dir, api_key=args.api_key)
+    cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
+                         api_key=args.api_key)
     host = args.host or settings["host"] or "127.0.0.1"
     port = args.port or settings["port"] or 8000
     return serve_forever(cfg, host, port, settings["name"], settings["route_prefix"],
@@ -201,7 +212,8 @@ def run_up(args) -> int:
     from specialize.seeds import available_domains
 
     settings = deploy_settings(args.config)
-    cfg = resolve_config(settings["args"], experts_dir=args.experts_dir, api_key=args.api_key)
+    cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
+                         api_key=args.api_key)
     wanted = args.domains or available_domains()
     missing = [d for d in wanted if d not in load_registry(cfg.experts_dir).experts]
     if missing:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from specialize.config import VLLM_LORA_RANKS
 from specialize.errors import ConfigError
+from specialize.precision import Dtype
 
 API_KEY_ENV = "SELFSPEC_API_KEY"
 
@@ -75,7 +76,9 @@ class EngineOptions(_Replicas):
     """The vLLM engine deployment. LoRA limits default to what the registry needs."""
 
     max_model_len: int = Field(2048, ge=128)
-    dtype: str = "auto"
+    # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), fp32 on other CPUs;
+    # resolved in the engine replica, on the machine that runs it (specialize/precision.py).
+    dtype: Dtype = "auto"
     # vLLM CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); 1 fits a 2-core box.
     kv_cache_gib: int = Field(1, ge=1)
     # vLLM CPU refuses values above 0.5 on small boxes; GPUs use 0.9 (deploy/gpu.yaml).

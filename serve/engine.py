@@ -22,8 +22,8 @@ from serve.adapters import adapter_dir, check_adapters, plan_engine
 from serve.clients import ERROR
 from serve.config import build_serve_config
 from serve.errors import error_body
-from serve.watch import start_watch
-from specialize.registry import ExpertEntry, load_registry
+from serve.watch import RegistryFollower, RetrySchedule, start_watch
+from specialize.registry import ExpertEntry
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ class EngineServer:
     async def __init__(self, cfg: dict, backend_factory=None):
         self.cfg = build_serve_config(cfg)
         self.experts_dir = Path(self.cfg.experts_dir)
-        registry = load_registry(self.experts_dir)
+        self.follower = RegistryFollower(self.experts_dir)
+        registry = self.follower.read()
         self.plan = plan_engine(self.cfg, registry)
         if backend_factory is None:
             from serve.vllm_backend import VllmBackend as backend_factory
@@ -44,10 +45,14 @@ class EngineServer:
         self._skipped_as: dict[str, str] = {}  # expert name -> lora_name that failed
         self.revision = -1
         self._lock = asyncio.Lock()
+        self._retries = RetrySchedule()  # adapters that failed to load, tried again later
+        digest = self.follower.digest
         await self._sync(registry)
+        self.follower.mark_applied(digest)
         log.info("engine up: base %s, experts %s, left out %s", self.plan.base_path,
                  sorted(self.loaded), sorted(self.skipped))
-        self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload)
+        self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload,
+                                  due=self._retries.any_due)
         self.pinning = None
         await self._isolate_worker_cpus()
 
@@ -74,9 +79,13 @@ class EngineServer:
                 del self.loaded[name]
             for name in [n for n in self.skipped if n not in registry.experts]:
                 self.skipped.pop(name), self._skipped_as.pop(name, None)
+                self._retries.succeeded(name)
             serving = {n: e.lora_name for n, e in self.loaded.items()}
-            todo = [n for n, e in registry.experts.items()  # new experts and new versions
-                    if serving.get(n) != e.lora_name and self._skipped_as.get(n) != e.lora_name]
+            # New experts, new versions, and failed ones whose retry is due (a one-off failure,
+            # e.g. files still being copied or made readable, must not stick for good).
+            todo = [n for n, e in registry.experts.items()
+                    if serving.get(n) != e.lora_name and (self._skipped_as.get(n) != e.lora_name
+                                                          or self._retries.due(n))]
             verdicts = check_adapters(registry, self.experts_dir, self.plan, names=todo)
             failed = dict(verdicts.skipped)
             for name, entry in verdicts.ok.items():
@@ -88,17 +97,21 @@ class EngineServer:
                     continue
                 self.loaded[name] = entry
                 self.skipped.pop(name, None), self._skipped_as.pop(name, None)
+                self._retries.succeeded(name)
             for name, why in failed.items():
                 if name not in self.loaded:  # a bad new version keeps the old one serving
                     self.skipped[name] = why
                 self._skipped_as[name] = registry.experts[name].lora_name
+                self._retries.failed(name)
             self.revision = registry.revision
 
     async def reload(self) -> dict:
         """Re-read the registry; load what is new. Idempotent and cheap when nothing changed."""
-        registry = load_registry(self.experts_dir)
-        if registry.revision != self.revision:
+        registry = self.follower.read()  # the last good one if registry.json is gone
+        digest = self.follower.digest
+        if self.follower.changed or self._retries.any_due():
             await self._sync(registry)
+            self.follower.mark_applied(digest)
         return self.catalog()
 
     def catalog(self) -> dict:
@@ -109,6 +122,10 @@ class EngineServer:
                          "max_model_len": getattr(self.backend, "max_model_len", None)},
                 "experts": experts, "skipped": dict(sorted(self.skipped.items())),
                 "revision": self.revision,
+                "registry_problem": self.follower.problem,  # set: serving the last good registry
+                # The CPU's instruction set and the dtype the engine computes in (bench reports
+                # copy it: a bf16 run on an AVX2-only CPU is not comparable).
+                "precision": getattr(self.backend, "precision", None),
                 "cpu_pinning": self.pinning.as_dict() if getattr(self, "pinning", None) else None,
                 "lora": {"max_lora_rank": self.plan.max_lora_rank,
                          "max_loras": self.plan.max_loras,

@@ -164,10 +164,15 @@ class Service:
         except Exception as e:  # noqa: BLE001 - a health check reports, never raises
             return JSONResponse({"status": "unavailable", "error": map_exception(e)[1]["error"]},
                                 status_code=503)
-        return JSONResponse({"status": "degraded" if cat["skipped"] else "ok",
+        # degraded: an expert is left out, or registry.json is gone or broken and the last good
+        # registry is being served (serve/watch.py)
+        problem = cat.get("registry_problem") or router.get("registry_problem")
+        return JSONResponse({"status": "degraded" if cat["skipped"] or problem else "ok",
+                             "registry_problem": problem,
                              "experts": list(cat["experts"]), "skipped": cat["skipped"],
                              "registry_revision": cat["revision"], "lora": cat["lora"],
                              "router": router, "auth": bool(self.api_key),
+                             "precision": cat.get("precision"),
                              "cpu_pinning": cat.get("cpu_pinning")})
 
     async def reload(self, raw: Request) -> dict:

@@ -20,6 +20,7 @@ from serve.adapters import EnginePlan, lora_int_id
 from serve.clients import CHUNK, ERROR, RESPONSE, USAGE
 from serve.config import ServeConfig
 from serve.errors import map_exception, vllm_error
+from specialize.precision import precision_facts, resolve_dtype
 from specialize.registry import ExpertEntry
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,19 @@ class VllmBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         e = cfg.engine
+        # Resolved here, in the replica: the node that runs the engine decides bf16 vs fp32.
+        self.dtype = resolve_dtype(e.dtype)
+        self.precision = precision_facts(e.dtype, self.dtype)
         args = AsyncEngineArgs(
-            model=str(plan.base_path), max_model_len=e.max_model_len, dtype=e.dtype,
+            model=str(plan.base_path), max_model_len=e.max_model_len, dtype=self.dtype,
             gpu_memory_utilization=e.gpu_memory_utilization, seed=e.seed,
             max_num_seqs=e.max_num_seqs, enforce_eager=e.enforce_eager,
             enable_lora=True, max_lora_rank=plan.max_lora_rank, max_loras=plan.max_loras,
             max_cpu_loras=plan.max_cpu_loras, lora_target_modules=list(plan.target_modules),
             **e.extra_engine_args)
         self.engine = AsyncLLM.from_engine_args(args)
+        # What vLLM actually computes in (its own `auto` would have kept the checkpoint's bf16).
+        self.precision["engine_dtype"] = str(self.engine.model_config.dtype).removeprefix("torch.")
         self.max_model_len = self.engine.model_config.max_model_len
         self.models = _expert_models_class()(
             self.engine, [BaseModelPath(name=a, model_path=str(plan.base_path))

@@ -10,7 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from specialize.console import catch_interrupts, console, interrupt_line, route_output
 from specialize.errors import SelfspecError
+from specialize.precision import DTYPES
 
 
 def _specialize_parser(sub) -> None:
@@ -34,6 +36,14 @@ def _specialize_parser(sub) -> None:
                    help="corpus folder for grounded answers (default: the domain's corpus/), "
                    "or 'none' for ungrounded")
     p.add_argument("--retrieval", choices=["bm25", "dense"], default="bm25")
+    p.add_argument("--instruction-focus", choices=["none", "subtopic", "passage"], default=None,
+                   help="what each instruction prompt is about: the whole domain, one subtopic "
+                   "of the description, or one corpus passage (default: the config's)")
+    p.add_argument("--instruction-prompt", choices=["list", "chat"], default=None,
+                   help="instruction prompts as plain list completion or as a chat turn "
+                   "(default: the config's)")
+    p.add_argument("--instruction-temperature", type=float, default=None,
+                   help="sampling temperature for instructions (default: the config's)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="for answers; >1 (e.g. 1.1) curbs a small model's greedy loops "
                    "(default %(default)s: the paper's plain greedy)")
@@ -42,9 +52,16 @@ def _specialize_parser(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="engine precision: auto = bf16 where the CPU has AMX/AVX512-BF16 (or on a GPU), "
+                   "float32 on other CPUs (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run")
     g.add_argument("--restart", action="store_true", help="discard an interrupted run")
+    p.add_argument("--publish-each", action="store_true",
+                   help="publish each domain as soon as it is ready (one engine start per "
+                   "domain) instead of all at the end; `selfspec up` does this so that a "
+                   "running server gains the experts one by one")
     r = p.add_argument_group(
         "parallel on Ray", "One domain per Ray task, all publishing into one registry. Every "
         "node must see the experts dir, the seeds and a local base model folder at the same "
@@ -76,8 +93,8 @@ def _run_specialize(args) -> int:
     corpus = None if args.corpus in (None, "none") else Path(args.corpus)
     cfg = build_config(
         base_model=args.base_model, experts_dir=args.experts_dir, rounds=args.rounds,
-        engine={"seed": args.seed},
-        generate={"num_instructions": args.num_instructions},
+        engine={"seed": args.seed, "dtype": args.dtype},
+        generate={"num_instructions": args.num_instructions, **_generation_flags(args)},
         respond={"corpus": corpus, "retrieval": "none" if args.corpus == "none"
                  else args.retrieval, "repetition_penalty": args.repetition_penalty},
         train={"rank": args.rank, "alpha": args.alpha or 2 * args.rank, "epochs": args.epochs,
@@ -105,10 +122,10 @@ def _run_specialize(args) -> int:
                                              restart=args.restart)
             results, failed = outcome.results, outcome.failed
         else:
-            results = specialize(domains, cfg, resume=args.resume, restart=args.restart)
+            results = _specialize_locally(domains, cfg, args)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished batches are saved; continue with the same command "
-              "plus --resume", file=sys.stderr)
+        console.end_status()
+        console.say(interrupt_line())
         return 130
     if results:
         print()
@@ -121,6 +138,70 @@ def _run_specialize(args) -> int:
         print(f"selfspec: {len(failed)} of {len(domains)} domain(s) failed; rerun them with "
               "--resume", file=sys.stderr)
         return 1
+    return 0
+
+
+def _specialize_locally(domains: list[str], cfg, args) -> list[dict]:
+    """One process: the progress line and <experts>/building.json while it runs."""
+    from specialize.pipeline import specialize
+    from specialize.progress import ProgressMonitor, continue_command, kept_summary
+
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    console.interrupt_message = lambda: (
+        f"interrupted: {kept_summary(cfg.experts_dir, domains)}; continue with: "
+        f"{continue_command(argv)}")
+    with ProgressMonitor(cfg.experts_dir, domains, console, rounds=cfg.rounds):
+        if not args.publish_each:
+            return specialize(domains, cfg, resume=args.resume, restart=args.restart)
+        return [r for d in domains
+                for r in specialize([d], cfg, resume=args.resume, restart=args.restart)]
+
+
+def _generation_flags(args) -> dict:
+    """The instruction-generation flags that were given (the others keep the config default)."""
+    given = {"focus": args.instruction_focus, "prompt_format": args.instruction_prompt,
+             "temperature": args.instruction_temperature}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _ablate_parser(sub) -> None:
+    from specialize.ablation import SETTINGS, AblationConfig
+
+    p = sub.add_parser("ablate", help="measure instruction-generation settings against each other",
+                       description="Runs each named generation setting on the domains up to the "
+                       "instruction filter (optionally through training and eval) and reports "
+                       "keep rate, on-domain rate, fragment rate and eval gain per setting. "
+                       f"Settings: {', '.join(SETTINGS)}; join several with '+' (passage+t0.7).")
+    p.add_argument("domains", nargs="+", metavar="DOMAIN")
+    p.add_argument("--settings", default=None, metavar="A,B",
+                   help="comma-separated setting names (default: "
+                   f"{','.join(AblationConfig.model_fields['settings'].default)})")
+    p.add_argument("--num-instructions", type=int, default=48,
+                   help="kept instructions per domain and setting (default %(default)s)")
+    p.add_argument("--base-model", default="smollm2-135m-instruct")
+    p.add_argument("--out", type=Path, default=Path("reports/ablation"),
+                   help="report.json and each setting's work dirs (default: %(default)s)")
+    p.add_argument("--train-eval", action="store_true",
+                   help="also answer, train and publish each setting's experts into OUT and "
+                   "score them against the base on their domain's eval (slow)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_ablate)
+
+
+def _run_ablate(args) -> int:
+    from specialize.ablation import build_ablation_config, format_report, run_ablation
+
+    acfg = build_ablation_config(
+        domains=args.domains, num_instructions=args.num_instructions, base_model=args.base_model,
+        out=args.out, train_eval=args.train_eval, seed=args.seed,
+        settings=[s.strip() for s in args.settings.split(",") if s.strip()]
+        if args.settings is not None else None)
+    gain = None
+    if acfg.train_eval:
+        from evaluation.gain import expert_gain as gain
+    report = run_ablation(acfg, eval_gain=gain)
+    print(format_report(report))
+    print(f"\nreport: {acfg.out / 'report.json'}")
     return 0
 
 
@@ -163,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     from serve.cli import add_parsers as _serve_parsers
     sub = parser.add_subparsers(dest="command", required=True)
     _specialize_parser(sub)
+    _ablate_parser(sub)
     _experts_parser(sub)
     _router_parsers(sub)
     _serve_parsers(sub)

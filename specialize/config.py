@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from specialize.errors import ConfigError
+from specialize.precision import Dtype
 
 # vLLM's LoRA loader accepts only these ranks (vllm/config/lora.py, `max_lora_rank` choices).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,7 +41,9 @@ class EngineConfig(_Config):
     # vLLM CPU: KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB); keep it small on 2-core boxes.
     kv_cache_gib: int = Field(2, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
-    dtype: str = "auto"
+    # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), fp32 on other CPUs,
+    # where bf16 is emulated and ~8x slower (specialize/precision.py).
+    dtype: Dtype = "auto"
     seed: int = 0
 
 
@@ -52,6 +55,14 @@ class GenerateConfig(_Config):
     generated_per_prompt: int = Field(0, ge=0, le=4)  # Self-Instruct also mixed in 2 generated
     temperature: float = Field(1.0, ge=0)  # Self-MoE: 1.0
     top_p: float = Field(0.98, gt=0, le=1)  # Self-MoE: 0.98
+    # What each prompt asks its tasks to be about: "none" (the whole domain, as Self-MoE's
+    # prompt), "subtopic" (one subtopic listed in the description), "passage" (one passage of the
+    # domain's corpus/; a domain without a corpus falls back to subtopics). docs/quality.md.
+    focus: Literal["none", "subtopic", "passage"] = "none"
+    focus_words: int = Field(120, ge=20, le=400, description="a focus passage's length cap")
+    # "list": plain completion of the numbered list (the paper's base-model prompt); "chat": the
+    # same request as a user turn in the model's chat template, the reply opened at the next item.
+    prompt_format: Literal["list", "chat"] = "list"
     max_tokens: int = Field(384, ge=32)
     # Constrain each completion to the numbered-list format (vLLM structured outputs), at most
     # this many new items; 0 turns the constraint off and relies on parsing alone.
@@ -80,6 +91,10 @@ class RespondConfig(_Config):
     """Stage 3: the base model answers each kept instruction (greedy, 5 seed demos)."""
 
     demos: int = Field(5, ge=0, le=10)  # Self-Specialization: 5 seed demonstrations
+    # Consecutive instructions that share one draw of demonstrations, so that their prompts share
+    # the persona + demos prefix and vLLM's prefix cache prefills it once (on CPU, prefill of
+    # ~1,000-token prompts is most of the stage). 1: every instruction draws its own demos.
+    shared_demos: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0)  # the paper decodes answers greedily
     # >1 discourages the greedy repetition loops that small models fall into (on the 135M model
     # ~20-45% of answers loop and are dropped); 1.0 is the paper's plain greedy decoding.

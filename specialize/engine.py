@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from specialize.config import EngineConfig
+from specialize.precision import cpu_isa, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class Sampling:
 class Completion:
     text: str
     finish_reason: str  # "stop" or "length"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens vLLM's prefix cache served (not prefilled again)
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,13 @@ class VllmGenerator:
             # An explicit list keeps lm_head unwrapped: vLLM 0.32's CPU LoRA logits wrapper
             # breaks prompt logprobs in mixed-adapter batches (see serve/adapters.py).
             lora["lora_target_modules"] = list(lora_target_modules)
-        self.llm = LLM(model=str(model_path), max_model_len=cfg.max_model_len, dtype=cfg.dtype,
+        self.cfg_dtype, self.dtype = cfg.dtype, resolve_dtype(cfg.dtype)
+        log.info("engine dtype %s (asked %s; CPU %s)", self.dtype, cfg.dtype, cpu_isa().summary)
+        self.llm = LLM(model=str(model_path), max_model_len=cfg.max_model_len, dtype=self.dtype,
                        gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed, **lora)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
+        self.engine_dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
     def complete(self, prompts, sampling, adapter=None):
         from vllm import SamplingParams
@@ -106,7 +112,8 @@ class VllmGenerator:
         # the demos rather than failing the whole batch.
         prompts = [self._fit(p, sampling.max_tokens) for p in prompts]
         outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
-        return [Completion(o.outputs[0].text, o.outputs[0].finish_reason or "stop") for o in outs]
+        return [Completion(o.outputs[0].text, o.outputs[0].finish_reason or "stop",
+                           len(o.prompt_token_ids or ()), o.num_cached_tokens or 0) for o in outs]
 
     def complete_tokens(self, requests: list[TokenRequest]) -> list[TokenResult]:
         """Greedy, on token ids, each request with its own adapter: one engine batch."""

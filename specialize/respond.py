@@ -42,6 +42,10 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
     done = {r["id"] for r in resume_jsonl(path)}
     todo = [r for r in todo_all if r["id"] not in done]
     seed_pairs = [(Task(s.instruction, s.input), s.output) for s in domain.seeds]
+    # Demos are drawn per group of `shared_demos` consecutive instructions (by position in
+    # kept.jsonl, so a resumed run draws the same ones): a group's prompts share their prefix.
+    group_of = {r["id"]: i // cfg.shared_demos for i, r in enumerate(todo_all)}
+    prompt_tokens = cached_tokens = 0
 
     started = time.time()
     bar = tqdm(total=len(todo_all), initial=len(done), desc=f"{domain.name}: responses{' (r2)' if adapter else ''}",
@@ -61,8 +65,9 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
                     user = "Background:\n" + "\n".join(passages) + "\n\n" + user
                 prompts.append(generator.chat_prompt(user))
             else:
-                rng = random.Random(row["id"])  # stable demos per instruction across resumes
-                demos = rng.sample(seed_pairs, min(cfg.demos, len(seed_pairs)))
+                group = group_of[row["id"]]
+                key = row["id"] if cfg.shared_demos == 1 else f"{domain.name}:{group}"
+                demos = random.Random(key).sample(seed_pairs, min(cfg.demos, len(seed_pairs)))
                 prompts.append(build_response_prompt(domain.name, domain.description, demos,
                                                      task, passages))
         completions = generator.complete(
@@ -74,7 +79,13 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
             {**row, "response": clean_response(c.text), "finish_reason": c.finish_reason,
              "passages": ids}
             for row, c, ids in zip(rows, completions, hits)])
+        prompt_tokens += sum(c.prompt_tokens for c in completions)
+        cached_tokens += sum(c.cached_tokens for c in completions)
         bar.update(len(rows))
+        if prompt_tokens:
+            bar.set_postfix_str(f"prefix cache {cached_tokens / prompt_tokens:.0%}")
     bar.close()
     return {"responses": len(todo_all), "new": len(todo),
-            "seconds": round(time.time() - started, 1)}
+            "seconds": round(time.time() - started, 1), "prompt_tokens": prompt_tokens,
+            "prefix_cache_hit_rate": round(cached_tokens / prompt_tokens, 3)
+            if prompt_tokens else None}

@@ -70,8 +70,63 @@ def test_responses_resume_skips_answered(tmp_path, domain):
     append_jsonl(tmp_path / "respond" / "responses.jsonl",
                  [{**kept[0], "response": "done before", "finish_reason": "stop", "passages": []}])
     res = generate_responses(domain, RespondConfig(batch_size=2), gen, tmp_path)
-    assert res == {"responses": 6, "new": 5, "seconds": res["seconds"]}
+    assert (res["responses"], res["new"]) == (6, 5)
     rows = read_jsonl(tmp_path / "respond" / "responses.jsonl")
     assert [r["id"] for r in rows] == [r["id"] for r in kept]
     assert rows[0]["response"] == "done before"
     assert gen.calls[-1][1].temperature == 0.0  # greedy, as the paper
+
+
+class PromptRecorder(FakeGenerator):
+    def __init__(self):
+        super().__init__()
+        self.prompts = []
+
+    def complete(self, prompts, sampling, adapter=None):
+        self.prompts += prompts
+        return super().complete(prompts, sampling, adapter)
+
+
+def _demo_with_corpus(tmp_path):
+    folder = write_domain(tmp_path / "cseeds")
+    corpus = folder / "corpus"
+    corpus.mkdir()
+    (corpus / "01-ideas.md").write_text("# Core ideas\n\nThe zebra principle says every demo "
+                                        "idea has one owner.\n\nThe walrus rule orders ideas.\n")
+    return load_domain("demo", tmp_path / "cseeds")
+
+
+def test_passage_focus_puts_a_corpus_passage_in_every_prompt(tmp_path):
+    domain = _demo_with_corpus(tmp_path)
+    gen = PromptRecorder()
+    cfg = GenerateConfig(num_instructions=4, prompts_per_batch=3, focus="passage")
+    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    assert res["focus"] == "passage"
+    prompts = gen.prompts
+    assert prompts and all("Core ideas: The zebra principle" in p for p in prompts)
+    assert all("Cover many subtopics" not in p for p in prompts)
+
+
+def test_passage_focus_without_a_corpus_uses_the_description_subtopics(tmp_path, domain):
+    gen = PromptRecorder()
+    cfg = GenerateConfig(num_instructions=4, prompts_per_batch=2, focus="passage")
+    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    assert res["focus"] == "subtopic"
+    # write_domain's description "The demo domain: core ideas explained ..." lists one subtopic
+    # after its colon, too few to split: the whole description is the one subtopic.
+    assert all("about this subtopic of demo: The demo domain" in p for p in gen.prompts)
+
+
+def test_chat_format_wraps_the_request_and_opens_the_next_item(tmp_path, domain):
+    gen = PromptRecorder()
+    cfg = GenerateConfig(num_instructions=6, prompts_per_batch=2, prompt_format="chat",
+                         temperature=0.7)
+    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    assert res["stopped"] == "target" and res["focus"] == "none"
+    for p in gen.prompts:
+        assert p.startswith("<user>You are asked to come up with")
+        assert "same format.</user><assistant>4. Instruction:" in p
+    assert gen.calls[0][1].temperature == 0.7
+    # the reply parses exactly like a list completion
+    rows = read_jsonl(tmp_path / "generate" / "instructions.jsonl")
+    assert rows[0]["instruction"].startswith("Explain t1w0")

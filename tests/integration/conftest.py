@@ -19,8 +19,11 @@ def tiny_model(tmp_path_factory):
 def engine(tiny_model):
     from specialize.engine import VllmGenerator
 
-    gen = VllmGenerator(tiny_model, EngineConfig(max_model_len=2048, kv_cache_gib=1),
-                        max_lora_rank=16)
+    # float32 whatever the CPU: the serving app covers `auto` (bf16 on CPUs with native bf16),
+    # this engine covers the fp32 path AVX2-only CPUs take.
+    gen = VllmGenerator(tiny_model, EngineConfig(max_model_len=2048, kv_cache_gib=1,
+                                                 dtype="float32"), max_lora_rank=16)
+    assert gen.engine_dtype == "float32", gen.engine_dtype
     yield gen
     gen.close()
 

@@ -140,6 +140,18 @@ def test_models_and_health_report_the_corrupt_adapter(serve_app, client):
     assert "could not load" in h["skipped"]["biomedicine"]
 
 
+def test_health_reports_the_cpu_and_the_dtype_vllm_computes_in(serve_app):
+    from specialize.precision import cpu_isa, resolve_dtype
+
+    url, _ = serve_app
+    p = httpx.get(f"{url}/health").json()["precision"]
+    # The app runs with engine.dtype auto: bf16 only where this CPU has native bf16.
+    want = "bfloat16" if cpu_isa().native_bf16 else "float32"
+    assert p["dtype_requested"] == "auto" and p["dtype"] == want == resolve_dtype("auto")
+    assert p["engine_dtype"] == want  # vLLM's own `auto` would keep the tiny model's choice
+    assert p["cpu"]["isa"] == cpu_isa().summary and p["cpu"]["model"] == cpu_isa().model
+
+
 BAD = [
     b"{oops", b"[]", b"null", json.dumps({"model": "auto"}).encode(),
     json.dumps({"model": "auto", "messages": []}).encode(),
