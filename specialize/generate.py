@@ -2,7 +2,9 @@
 
 Each prompt shows `seeds_per_prompt` sampled seeds (optionally plus a few already-kept generated
 ones, as Self-Instruct did) and lets the model continue the numbered list at temperature 1.0,
-top-p 0.98. Batches of prompts go through vLLM together; every candidate is appended to
+top-p 0.98. A prompt may be focused on one subtopic of the description or one passage of the
+domain's corpus, and sent as plain text or as a chat turn (`GenerateConfig.focus`,
+`prompt_format`; `selfspec ablate` measures each). Batches of prompts go through vLLM together; every candidate is appended to
 `generate/instructions.jsonl` and fsynced per batch, so an interrupted run resumes where it
 stopped. Generation ends once the filter has kept `num_instructions`, or when `patience` batches
 in a row add nothing (a small model stuck on duplicates), or after `max_batches`.
@@ -21,11 +23,16 @@ from specialize.engine import Generator, Sampling
 from specialize.filter import InstructionFilter
 from specialize.jsonl import append_jsonl, resume_jsonl, write_json
 from specialize.prompts import (
+    Focus,
     Task,
+    build_instruction_chat_turn,
     build_instruction_prompt,
     instruction_list_regex,
+    open_item,
     parse_instruction_list,
+    subtopics,
 )
+from specialize.retrieve import load_passages
 from specialize.seeds import Domain
 
 
@@ -35,6 +42,7 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
     path = out / "instructions.jsonl"
     write_json(out / "config.json", cfg.model_dump(mode="json"))
     seeds = [Task(s.instruction, s.input) for s in domain.seeds]
+    focus_pool, focus_used = focus_choices(domain, cfg)
 
     # Resume: replay what earlier runs wrote through the filter, so its pool is the same.
     rows = resume_jsonl(path)
@@ -58,8 +66,9 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
             demos = rng.sample(seeds, min(cfg.seeds_per_prompt, len(seeds)))
             if kept and cfg.generated_per_prompt:
                 demos += rng.sample(kept, min(cfg.generated_per_prompt, len(kept)))
-            prompts.append((len(demos) + 1,
-                            build_instruction_prompt(domain.name, domain.description, demos)))
+            focus = rng.choice(focus_pool) if focus_pool else None
+            prompts.append((len(demos) + 1, instruction_prompt(domain, demos, focus, cfg,
+                                                               generator)))
         first = prompts[0][0]  # every prompt of a batch shows the same number of demos
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                             max_tokens=cfg.max_tokens, seed=rng.randrange(2**31),
@@ -89,4 +98,24 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
     return {"candidates": len(rows), "kept": len(kept), "batches": batch,
             "stopped": "target" if len(kept) >= cfg.num_instructions else
             ("patience" if stale >= cfg.patience else "max_batches"),
-            "seconds": round(time.time() - started, 1)}
+            "focus": focus_used, "seconds": round(time.time() - started, 1)}
+
+
+def focus_choices(domain: Domain, cfg: GenerateConfig) -> tuple[list[Focus], str]:
+    """The focuses prompts draw from, and which kind was used: a domain without a corpus/
+    asked for passages gets its description's subtopics instead."""
+    if cfg.focus == "passage" and domain.corpus_dir is not None:
+        return [Focus(passage=p) for p in load_passages(domain.corpus_dir, cfg.focus_words)], \
+            "passage"
+    if cfg.focus in ("passage", "subtopic"):
+        return [Focus(subtopic=t) for t in subtopics(domain.description)], "subtopic"
+    return [], "none"
+
+
+def instruction_prompt(domain: Domain, demos: list[Task], focus: Focus | None,
+                       cfg: GenerateConfig, generator: Generator) -> str:
+    if cfg.prompt_format == "chat":
+        turn = build_instruction_chat_turn(domain.name, domain.description, demos, focus)
+        # The assistant turn opens at the next item, so the reply parses like a list completion.
+        return generator.chat_prompt(turn) + open_item(len(demos) + 1)
+    return build_instruction_prompt(domain.name, domain.description, demos, focus)

@@ -1,8 +1,10 @@
 """Prompts the base model completes, and parsers for what it writes back.
 
-Both generation stages use plain completion prompts (not the chat template): the method was
-designed for base models, and continuing a numbered list works for base and instruct models alike.
-Training and serving use the base model's own chat template instead (see `train.py`).
+Both generation stages use plain completion prompts by default (the method was designed for base
+models, and continuing a numbered list works for base and instruct models alike). Stage 1 can also
+send its request as a user turn in the model's chat template (`generate.prompt_format: chat`), and
+focus each prompt on one subtopic or one corpus passage (`generate.focus`); docs/quality.md
+records what each measured. Training and serving use the base model's chat template (`train.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ drawings or web browsing.
 4. Instructions are 1 to 2 sentences long, either an imperative sentence or a question.
 5. When the task needs an input (a passage, a headline, figures), write a realistic input of at \
 most 100 words after "Input:". Never use placeholders. Otherwise write "Input: <noinput>".
-6. Cover many subtopics of {domain}.
+6. {focus}
 
 List of tasks:
 """
+FOCUS_NONE = "Cover many subtopics of {domain}."
+FOCUS_SUBTOPIC = "Every task should be about this subtopic of {domain}: {subtopic}."
+FOCUS_PASSAGE = ("Every task should be about the subject of this {domain} passage (an input may "
+                 "quote it):\n{passage}")
+# The chat variant's user turn ends with this; the assistant turn is then opened at item k+1.
+CHAT_REQUEST = "\nContinue the list with task {next} and the next ones, in the same format."
 
 
 @dataclass(frozen=True)
@@ -37,15 +45,72 @@ class Task:
     input: str = ""
 
 
+@dataclass(frozen=True)
+class Focus:
+    """What one prompt asks its tasks to be about: one subtopic, one corpus passage, or (both
+    empty) the whole domain as the paper's prompt does."""
+
+    subtopic: str = ""
+    passage: str = ""
+
+
 def _task_block(n: int, task: Task) -> str:
     return f"{n}. Instruction: {task.instruction}\n{n}. Input: {task.input or '<noinput>'}\n"
 
 
-def build_instruction_prompt(domain: str, description: str, demos: list[Task]) -> str:
-    """Header, the sampled demos numbered 1..k, then an opened item k+1 for the model to fill."""
+def open_item(n: int) -> str:
+    """Item n opened for the model to fill: the parser and the guided regex start inside it."""
+    return f"{n}. Instruction:"
+
+
+def _instruction_request(domain: str, description: str, demos: list[Task],
+                         focus: Focus | None) -> str:
+    focus = focus or Focus()
+    if focus.passage:
+        line = FOCUS_PASSAGE.format(domain=domain, passage=focus.passage.strip())
+    elif focus.subtopic:
+        line = FOCUS_SUBTOPIC.format(domain=domain, subtopic=focus.subtopic.strip())
+    else:
+        line = FOCUS_NONE.format(domain=domain)
     body = "".join(_task_block(i, t) for i, t in enumerate(demos, 1))
-    return (INSTRUCTION_HEADER.format(domain=domain, description=description.strip())
-            + body + f"{len(demos) + 1}. Instruction:")
+    return INSTRUCTION_HEADER.format(domain=domain, description=description.strip(),
+                                     focus=line) + body
+
+
+def build_instruction_prompt(domain: str, description: str, demos: list[Task],
+                             focus: Focus | None = None) -> str:
+    """Header, the sampled demos numbered 1..k, then an opened item k+1 for the model to fill."""
+    return _instruction_request(domain, description, demos, focus) + open_item(len(demos) + 1)
+
+
+def build_instruction_chat_turn(domain: str, description: str, demos: list[Task],
+                                focus: Focus | None = None) -> str:
+    """The same request as one user turn, asking for the list to go on from item k+1. The caller
+    wraps it in the chat template and opens item k+1 in the assistant turn, so the reply parses
+    (and is guided) exactly like a list completion."""
+    return (_instruction_request(domain, description, demos, focus)
+            + CHAT_REQUEST.format(next=len(demos) + 1))
+
+
+def subtopics(description: str) -> list[str]:
+    """The subtopics a domain description lists: its first sentence after the colon, split at
+    commas and semicolons outside parentheses ("anatomy and physiology, pharmacology (drug
+    classes, ...), genetics" -> 3). A description without such a list is one subtopic."""
+    first = description.strip().split(". ")[0]
+    if ":" not in first:
+        return [description.strip()]
+    parts, depth, cur = [], 0, ""
+    for ch in first.split(":", 1)[1]:
+        depth += (ch == "(") - (ch == ")")
+        if ch in ",;" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    names = [re.sub(r"^(and|or)\s+", "", p.strip().rstrip(".")).strip() for p in parts]
+    names = [n for n in names if len(n) > 2]
+    return names if len(names) >= 2 else [description.strip()]
 
 
 def instruction_list_regex(first: int, max_items: int) -> str:

@@ -1,9 +1,12 @@
 from specialize.prompts import (
+    Focus,
     Task,
+    build_instruction_chat_turn,
     build_instruction_prompt,
     build_response_prompt,
     clean_response,
     parse_instruction_list,
+    subtopics,
 )
 
 
@@ -57,3 +60,44 @@ def test_response_prompt_has_demos_passages_and_open_response():
 
 def test_clean_response_cuts_at_next_example():
     assert clean_response(" A bond is a loan.\n\n### Instruction:\nNext") == "A bond is a loan."
+
+
+def test_focused_prompts_name_their_subtopic_or_passage():
+    demos = [Task("Define consideration.")]
+    plain = build_instruction_prompt("law", "Contracts and torts.", demos)
+    sub = build_instruction_prompt("law", "Contracts and torts.", demos,
+                                   Focus(subtopic="defamation"))
+    psg = build_instruction_prompt("law", "Contracts and torts.", demos,
+                                   Focus(passage="A contract needs offer and acceptance."))
+    assert "6. Cover many subtopics of law." in plain
+    assert "6. Every task should be about this subtopic of law: defamation." in sub
+    assert "Cover many" not in sub
+    assert "law passage (an input may quote it):\nA contract needs offer and acceptance.\n" in psg
+    # the passage sits before the list, so the demos and the opened item stay last
+    assert psg.index("offer and acceptance") < psg.index("List of tasks:")
+    assert all(p.endswith("2. Instruction:") for p in (plain, sub, psg))
+
+
+def test_chat_turn_asks_for_the_next_item_and_leaves_it_unopened():
+    turn = build_instruction_chat_turn("law", "Contracts.", [Task("A?"), Task("B?")],
+                                       Focus(subtopic="torts"))
+    assert "2. Instruction: B?\n2. Input: <noinput>\n" in turn
+    assert turn.endswith("Continue the list with task 3 and the next ones, in the same format.")
+    assert "3. Instruction:" not in turn and "about this subtopic of law: torts" in turn
+
+
+def test_subtopics_split_the_description_list_outside_parentheses():
+    desc = ("Medicine at textbook level: anatomy and physiology, pharmacology (drug classes, "
+            "mechanisms); genetics, and immunology and vaccines. Tasks include questions.")
+    assert subtopics(desc) == ["anatomy and physiology", "pharmacology (drug classes, mechanisms)",
+                               "genetics", "immunology and vaccines"]
+    assert subtopics("Cooking for beginners. Tasks: a, b.") == ["Cooking for beginners. Tasks: a, b."]
+
+
+def test_every_shipped_description_lists_subtopics():
+    from specialize.seeds import available_domains, load_domain
+
+    for name in available_domains():
+        topics = subtopics(load_domain(name).description)
+        assert len(topics) >= 8, (name, topics)
+        assert all(2 < len(t) < 120 for t in topics), (name, topics)

@@ -1,0 +1,311 @@
+"""`selfspec ablate`: generation settings measured against each other on the same budget.
+
+A setting is a named change to `GenerateConfig` (`SETTINGS`); names join with "+" ("passage+chat")
+and apply on top of the paper's prompt (Self-MoE: whole-domain list completion at temperature
+1.0), or on top of today's defaults when the name starts with "default". For every setting and
+domain the base model writes instructions until the filter (whatever filters the pipeline runs)
+has kept `num_instructions`, as `specialize --stop-after filter` would; all settings share one
+vLLM engine. Per setting the report gives:
+
+- keep rate: kept / judged candidates (candidates past the target are not judged);
+- on-domain rate: the share whose nearest domain, by the router's encoder, is their own
+  (`on_domain_rate`), over the kept instructions and over every candidate;
+- fragment rate: the share that is not a complete question or imperative (`is_fragment`);
+- with `--train-eval`, the eval gain: each setting's data is answered, trained and published
+  into its own registry, and the expert is scored against the base on its domain's eval.
+
+Numbers from runs go to docs/quality.md, never here.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, ValidationError, field_validator
+
+from specialize.config import SpecializeConfig, _Config, build_config
+from specialize.engine import build_vllm_generator
+from specialize.errors import ConfigError
+from specialize.jsonl import read_jsonl, write_json
+from specialize.seeds import Domain, available_domains, load_domain
+
+# Each setting changes one thing; "paper" pins the values the others are measured against, so a
+# report stays comparable after the defaults move.
+PAPER = {"focus": "none", "prompt_format": "list", "temperature": 1.0}
+SETTINGS: dict[str, dict] = {
+    "paper": {},
+    "default": {},
+    "subtopic": {"focus": "subtopic"},
+    "passage": {"focus": "passage"},
+    "unfocused": {"focus": "none"},
+    "chat": {"prompt_format": "chat"},
+    "list": {"prompt_format": "list"},
+    "t0.7": {"temperature": 0.7},
+    "t1.0": {"temperature": 1.0},
+}
+
+
+def resolve_setting(name: str) -> dict:
+    """"passage+t0.7" -> the GenerateConfig fields it sets. Unknown parts are a ConfigError."""
+    parts = [p.strip() for p in name.split("+")]
+    unknown = [p for p in parts if p not in SETTINGS]
+    if unknown or not name.strip():
+        raise ConfigError(f"unknown ablation setting {unknown[0] if unknown else name!r}: use "
+                          f"{', '.join(SETTINGS)}, or several joined with '+' (passage+t0.7)")
+    changes = {} if parts[0] == "default" else dict(PAPER)
+    for p in parts:
+        changes.update(SETTINGS[p])
+    return changes
+
+
+class AblationConfig(_Config):
+    domains: list[str] = Field(min_length=1)
+    settings: list[str] = Field(["paper", "subtopic", "passage", "chat", "t0.7"], min_length=1)
+    num_instructions: int = Field(48, ge=1, description="kept instructions per domain and setting")
+    base_model: str = "smollm2-135m-instruct"
+    out: Path = Path("reports/ablation")
+    train_eval: bool = False  # also answer, train, publish and score each setting's experts
+    seed: int = 0
+
+    @field_validator("settings")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            resolve_setting(name)
+        return list(dict.fromkeys(v))
+
+
+def build_ablation_config(**kwargs) -> AblationConfig:
+    try:
+        return AblationConfig.model_validate({k: v for k, v in kwargs.items() if v is not None})
+    except ValidationError as e:
+        msgs = [f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+                for err in e.errors()]
+        raise ConfigError("invalid ablation arguments: " + "; ".join(msgs)) from None
+
+
+def setting_config(acfg: AblationConfig, name: str) -> SpecializeConfig:
+    return build_config(base_model=acfg.base_model, experts_dir=acfg.out / name / "experts",
+                        engine={"seed": acfg.seed},
+                        generate={**resolve_setting(name),
+                                  "num_instructions": acfg.num_instructions})
+
+
+# ---- the measures -----------------------------------------------------------------------------
+
+# Words a complete question or imperative starts with (the seeds' and the eval's first words,
+# plus common task verbs).
+_STARTER_WORDS = """
+what which who whom whose when where why how is are was were do does did can could should would
+will shall may might must has have had explain describe list identify calculate compute classify
+summarize summarise write draft determine give find compare contrast define extract name state
+outline evaluate assess solve convert rewrite suggest provide create analyze analyse translate
+estimate simplify prove show choose select decide answer tell recommend discuss interpret predict
+rank sort match label categorize categorise check verify construct design prepare paraphrase
+justify illustrate derive express factor expand work use read consider imagine formulate
+propose generate count rephrase highlight distinguish differentiate infer complete fill
+"""
+_STARTERS = set(_STARTER_WORDS.split())
+_LEADS = {"given", "if", "using", "based", "for", "in", "from", "according", "after", "with",
+          "suppose", "assume", "assuming", "here", "below", "following", "considering", "as"}
+_DANGLING = {"the", "a", "an", "of", "to", "and", "or", "in", "on", "for", "with", "by", "is",
+             "are", "that", "which", "its", "their", "from", "at", "as", "if", "what", "how"}
+
+
+def is_fragment(instruction: str) -> bool:
+    """Not a complete question or imperative: no closing punctuation, a dangling last word
+    ("Is the probability of"), or a statement that neither asks nor tells ("Universe of likely
+    antimicrobial agents ..."). A clause after a lead-in ("Given ..., find ...") counts."""
+    text = instruction.strip()
+    if not text or text[-1] not in ".?!:":
+        return True
+    words = re.findall(r"[A-Za-z][A-Za-z'-]*", text)
+    if not words or words[-1].lower() in _DANGLING or len(words) < 3:
+        return True
+    if text.endswith("?"):
+        return False
+    if words[0].lower() in _STARTERS:
+        return False
+    if words[0].lower() in _LEADS:
+        # an imperative after the lead-in clause: ", calculate ..." / ": explain ..."
+        return not any(w.split()[0].lower() in _STARTERS
+                       for w in re.split(r"[,:;]\s*", text)[1:] if w.split())
+    return True
+
+
+def domain_references(domains: Sequence[Domain], encoder) -> tuple[list[str], np.ndarray]:
+    """One reference vector per domain: the mean of its seeds' centroid and its description,
+    both unit vectors (the router's exemplars are the seeds; the description names the scope)."""
+    names, refs = [], []
+    for d in domains:
+        seeds = np.asarray(encoder.encode([s.instruction for s in d.seeds]), dtype=np.float32)
+        centroid = seeds.mean(axis=0)
+        centroid /= np.linalg.norm(centroid) or 1.0
+        desc = np.asarray(encoder.encode([d.description]), dtype=np.float32)[0]
+        ref = centroid + desc / (np.linalg.norm(desc) or 1.0)
+        names.append(d.name)
+        refs.append(ref / (np.linalg.norm(ref) or 1.0))
+    return names, np.stack(refs)
+
+
+def on_domain_rate(texts: Sequence[str], domain: str, names: list[str], refs: np.ndarray,
+                   encoder) -> float | None:
+    """The share of `texts` whose nearest domain reference (cosine) is `domain`'s."""
+    if not texts:
+        return None
+    vecs = np.asarray(encoder.encode(list(texts)), dtype=np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
+    nearest = (vecs @ refs.T).argmax(axis=1)
+    return round(float(np.mean(nearest == names.index(domain))), 4)
+
+
+def measure(workdir: Path, domain: str, names: list[str], refs: np.ndarray, encoder) -> dict:
+    """The generation measures of one (setting, domain) work dir after the filter stage."""
+    candidates = [r for r in read_jsonl(workdir / "generate" / "instructions.jsonl")
+                  if not r.get("marker")]
+    kept = read_jsonl(workdir / "filter" / "kept.jsonl")
+    rejected = read_jsonl(workdir / "filter" / "rejected.jsonl")
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    judged = len(candidates) - reasons.get("surplus", 0)
+    kept_texts = [r["instruction"] for r in kept]
+    all_texts = [r["instruction"] for r in candidates]
+    return {
+        "candidates": len(candidates), "judged": judged, "kept": len(kept),
+        "keep_rate": round(len(kept) / judged, 4) if judged else None,
+        "on_domain_kept": on_domain_rate(kept_texts, domain, names, refs, encoder),
+        "on_domain_candidates": on_domain_rate(all_texts, domain, names, refs, encoder),
+        "fragment_kept": _share(kept_texts, is_fragment),
+        "fragment_candidates": _share(all_texts, is_fragment),
+        "rejected": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "examples_kept": kept_texts[:5],
+    }
+
+
+def _share(texts: list[str], pred: Callable[[str], bool]) -> float | None:
+    return round(sum(map(pred, texts)) / len(texts), 4) if texts else None
+
+
+def _pooled(per_domain: dict[str, dict]) -> dict:
+    """Rates over every domain's items together (each weighted by its item count)."""
+    def pool(key: str, weight: str) -> float | None:
+        rows = [(m[key], m[weight]) for m in per_domain.values() if m[key] is not None]
+        n = sum(w for _, w in rows)
+        return round(sum(v * w for v, w in rows) / n, 4) if n else None
+
+    judged = sum(m["judged"] for m in per_domain.values())
+    kept = sum(m["kept"] for m in per_domain.values())
+    gains = [m["eval_gain"]["diff"] for m in per_domain.values()
+             if m.get("eval_gain", {}).get("diff") is not None]
+    return {"candidates": sum(m["candidates"] for m in per_domain.values()), "kept": kept,
+            "keep_rate": round(kept / judged, 4) if judged else None,
+            "on_domain_kept": pool("on_domain_kept", "kept"),
+            "on_domain_candidates": pool("on_domain_candidates", "candidates"),
+            "fragment_kept": pool("fragment_kept", "kept"),
+            "fragment_candidates": pool("fragment_candidates", "candidates"),
+            "seconds": round(sum(m["seconds"] for m in per_domain.values()), 1),
+            "eval_gain": round(float(np.mean(gains)), 4) if gains else None}
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, encoder=None,
+                 eval_gain: Callable[[Path, list[str], Path], dict] | None = None) -> dict:
+    """Every setting on every domain; returns the report (also written to `out/report.json`).
+    `eval_gain(experts_dir, domains, out) -> {domain: {diff, ci, p_not_better}}` scores the
+    published experts against the base (the CLI passes evaluation's; required with train_eval)."""
+    from specialize.base_model import resolve_base_model
+    from specialize.pipeline import prepare_run, specialize, write_instructions
+
+    if acfg.train_eval and eval_gain is None:
+        raise ConfigError("--train-eval needs an evaluator: run it from `selfspec ablate`")
+    domains = [load_domain(d) for d in acfg.domains]
+    configs = {name: setting_config(acfg, name) for name in acfg.settings}
+    base_path = resolve_base_model(acfg.base_model)
+    if encoder is None:
+        from router.encoder import load_encoder  # the router's encoder: one embedding model
+
+        encoder = load_encoder(None)
+    # References for every shipped domain plus the ones run, so "nearest" has rivals even when
+    # a single domain is ablated.
+    rivals = {d.name: d for d in [load_domain(n) for n in available_domains()]}
+    rivals.update({d.name: d for d in domains})
+    names, refs = domain_references(list(rivals.values()), encoder)
+
+    report = {"created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+              "cpu": cpu_model(), "base_model": acfg.base_model,
+              "budget": {"num_instructions": acfg.num_instructions, "domains": acfg.domains,
+                         "stage": "train+eval" if acfg.train_eval else "filter"},
+              "config": acfg.model_dump(mode="json"), "settings": {}}
+    generator = make_generator(base_path, configs[acfg.settings[0]].engine)
+    try:
+        for name, cfg in configs.items():
+            per_domain = {}
+            for d in domains:
+                t = time.time()
+                run = prepare_run(d, cfg.experts_dir / ".work" / d.name, cfg, resume=False,
+                                  restart=True)
+                write_instructions(run, cfg, generator)
+                per_domain[d.name] = {**measure(run.workdir, d.name, names, refs, encoder),
+                                      "seconds": round(time.time() - t, 1)}
+            report["settings"][name] = {"changes": resolve_setting(name),
+                                        "generate": cfg.generate.model_dump(mode="json"),
+                                        "domains": per_domain}
+            write_json(acfg.out / "report.json", report)  # a partial report survives a crash
+    finally:
+        generator.close()
+
+    if acfg.train_eval:
+        for name, cfg in configs.items():
+            # The work dirs hold finished generate+filter stages: --resume answers and trains.
+            specialize(acfg.domains, cfg, resume=True)
+            gains = eval_gain(cfg.experts_dir, [d.name for d in domains],
+                              acfg.out / name / "eval")
+            for d in domains:
+                report["settings"][name]["domains"][d.name]["eval_gain"] = gains.get(d.name, {})
+    for entry in report["settings"].values():
+        entry["total"] = _pooled(entry["domains"])
+    write_json(acfg.out / "report.json", report)
+    return report
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def format_report(report: dict) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.0f}%"
+
+    head = (f"{'setting':<18} {'domain':<12} {'cands':>5} {'kept':>4} {'keep':>5} "
+            f"{'on-dom kept':>11} {'on-dom all':>10} {'frag kept':>9} {'frag all':>8} "
+            f"{'secs':>6} {'eval gain':>9}")
+    lines = [f"{report['base_model']} on {report['cpu']}, "
+             f"{report['budget']['num_instructions']} kept instructions per domain", head,
+             "-" * len(head)]
+    for name, entry in report["settings"].items():
+        rows = [*entry["domains"].items(), ("all", entry["total"])]
+        for dom, m in rows:
+            gain = m.get("eval_gain")
+            gain = gain.get("diff") if isinstance(gain, dict) else gain
+            lines.append(f"{name:<18} {dom:<12} {m['candidates']:>5} {m['kept']:>4} "
+                         f"{pct(m['keep_rate']):>5} {pct(m['on_domain_kept']):>11} "
+                         f"{pct(m['on_domain_candidates']):>10} {pct(m['fragment_kept']):>9} "
+                         f"{pct(m['fragment_candidates']):>8} {m['seconds']:>6.0f} "
+                         f"{'-' if gain is None else f'{gain:+.3f}':>9}")
+    return "\n".join(lines)
+

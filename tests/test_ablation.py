@@ -1,0 +1,193 @@
+"""`selfspec ablate` with a fake generator and a keyword encoder: setting names, the measures, the
+report file and table, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from specialize.ablation import (
+    build_ablation_config,
+    format_report,
+    is_fragment,
+    resolve_setting,
+    run_ablation,
+)
+from specialize.cli import main
+from specialize.engine import Completion
+from specialize.errors import ConfigError
+from tests.conftest import FakeGenerator, write_domain
+
+AXES = ("alpha", "beta")
+
+
+class KeywordEncoder:
+    """Each domain name in a text adds 1 on its axis, plus a small jitter fixed by the text."""
+
+    name, dim = "keywords", 4
+
+    def encode(self, texts):
+        out = []
+        for t in texts:
+            v = np.random.default_rng(int(hashlib.md5(t.encode()).hexdigest()[:8], 16)).normal(
+                0, 0.05, self.dim)
+            for axis, word in enumerate(AXES):
+                v[axis] += 1.0 if word in t.lower() else 0.0
+            out.append(v / np.linalg.norm(v))
+        return np.array(out, dtype=np.float32).reshape(len(texts), self.dim)
+
+
+class MixedWriter(FakeGenerator):
+    """Per prompt: an on-domain task, one about the other domain, and an on-domain fragment;
+    records each prompt."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts = []
+
+    def complete(self, prompts, sampling, adapter=None):
+        self.calls.append((len(prompts), sampling, adapter))
+        self.prompts += prompts
+        out = []
+        for p in prompts:
+            own = "alpha" if "about alpha" in p else "beta"
+            other = "beta" if own == "alpha" else "alpha"
+            first = int(re.findall(r"(\d+)\. Instruction:$", p)[0])
+            items = []
+            for k, text in enumerate((f"Explain the {own} idea {{w}} clearly.",
+                                      f"Describe the {other} method {{w}} for beginners.",
+                                      f"The {own} result {{w}} of the")):
+                self.counter += 1
+                w = " ".join(f"t{self.counter}w{j}" for j in range(3))
+                line = " " + text.format(w=w)
+                items.append(line if k == 0 else f"{first + k}. Instruction:{line}")
+                items.append(f"{first + k}. Input: <noinput>")
+            out.append(Completion("\n".join(items) + "\n", "stop"))
+        return out
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def seeds(tmp_path, monkeypatch):
+    root = tmp_path / "seeds"
+    for name in AXES:
+        write_domain(root, name)
+    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def base(tmp_path):
+    folder = tmp_path / "base"  # resolve_base_model only needs a folder with config.json
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_settings_change_one_thing_on_top_of_the_paper_prompt():
+    paper = {"focus": "none", "prompt_format": "list", "temperature": 1.0}
+    assert resolve_setting("paper") == paper
+    assert resolve_setting("passage") == {**paper, "focus": "passage"}
+    assert resolve_setting("passage+chat+t0.7") == {"focus": "passage", "prompt_format": "chat",
+                                                    "temperature": 0.7}
+    assert resolve_setting("default") == {}  # today's GenerateConfig defaults
+    assert resolve_setting("default+t1.0") == {"temperature": 1.0}
+    with pytest.raises(ConfigError, match="unknown ablation setting 'hot'"):
+        resolve_setting("passage+hot")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("What is the main mechanism of action of metformin?", False),
+    ("Explain how statins lower LDL cholesterol.", False),
+    ("Given a loan of $1000 at 5%, calculate the interest after two years.", False),
+    ("If a patient has a fever, list three likely causes.", False),
+    ("Is the probability of", True),  # from issue 16: cut off
+    ("Universe of likely antimicrobial agents even after when their function is destroyed "
+     "due to long-term use.", True),  # a noun phrase: neither asks nor tells
+    ("Your friend is gone.", True),
+    ("Explain the idea of the", True),  # dangling last word
+    ("Summarize the following clause", True),  # no closing punctuation
+])
+def test_is_fragment(text, fragment):
+    assert is_fragment(text) is fragment
+
+
+def test_run_reports_keep_on_domain_and_fragment_rates(tmp_path, seeds, base):
+    acfg = build_ablation_config(domains=["alpha", "beta"], settings=["paper", "subtopic"],
+                                 num_instructions=6, base_model=str(base), out=tmp_path / "abl")
+    gen = MixedWriter()
+    report = run_ablation(acfg, make_generator=lambda *a, **k: gen, encoder=KeywordEncoder())
+
+    assert gen.closed  # one engine for every setting, closed at the end
+    assert list(report["settings"]) == ["paper", "subtopic"]
+    assert json.loads((tmp_path / "abl" / "report.json").read_text()) == report
+    for name, entry in report["settings"].items():
+        assert entry["generate"]["focus"] == ("none" if name == "paper" else "subtopic")
+        for dom in AXES:
+            m = entry["domains"][dom]
+            # every third candidate is about the other domain, every third is a fragment
+            assert m["candidates"] % 3 == 0 and m["candidates"] >= 6
+            assert m["on_domain_candidates"] == pytest.approx(2 / 3, abs=1e-4)
+            assert m["fragment_candidates"] == pytest.approx(1 / 3, abs=1e-4)
+            assert m["kept"] == 6 and m["keep_rate"] == round(6 / m["judged"], 4)
+            kept = [json.loads(line)["instruction"] for line in
+                    (tmp_path / "abl" / name / "experts" / ".work" / dom / "filter" /
+                     "kept.jsonl").read_text().splitlines()]
+            on = sum(dom in k and not ("alpha" in k and "beta" in k) for k in kept)
+            assert m["on_domain_kept"] == round(on / 6, 4)
+            assert m["fragment_kept"] == round(sum(k.endswith("of the") for k in kept) / 6, 4)
+        total = entry["total"]
+        assert total["kept"] == 12 and total["eval_gain"] is None
+        assert total["on_domain_candidates"] == pytest.approx(2 / 3, abs=1e-4)
+    # the subtopic setting's prompts each name one subtopic; the paper's name none
+    assert any("Every task should be about this subtopic" in p for p in gen.prompts)
+    assert any("Cover many subtopics of alpha." in p for p in gen.prompts)
+
+    table = format_report(report)
+    assert "subtopic" in table and "67%" in table and "33%" in table
+
+
+def test_train_eval_adds_each_setting_s_eval_gain(tmp_path, seeds, base, monkeypatch):
+    calls = []
+
+    def fake_specialize(domains, cfg, resume=False, **_):
+        calls.append((domains, cfg.experts_dir, resume))
+        return []
+
+    def fake_gain(experts_dir, domains, out):
+        return {d: {"diff": 0.05 if "chat" in str(experts_dir) else -0.01, "ci": [0, 0.1],
+                    "p_not_better": 0.2} for d in domains}
+
+    monkeypatch.setattr("specialize.pipeline.specialize", fake_specialize)
+    acfg = build_ablation_config(domains=["alpha"], settings=["paper", "chat"],
+                                 num_instructions=3, base_model=str(base), out=tmp_path / "abl",
+                                 train_eval=True)
+    report = run_ablation(acfg, make_generator=lambda *a, **k: MixedWriter(),
+                          encoder=KeywordEncoder(), eval_gain=fake_gain)
+    # each setting resumes its own work dirs after generate+filter
+    assert [(c[1].name, c[2]) for c in calls] == [("experts", True), ("experts", True)]
+    assert [c[1].parent.name for c in calls] == ["paper", "chat"]
+    assert report["settings"]["chat"]["total"]["eval_gain"] == 0.05
+    assert report["settings"]["paper"]["domains"]["alpha"]["eval_gain"]["diff"] == -0.01
+    assert "+0.050" in format_report(report)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ablate", "alpha", "--settings", "paper,bogus"], "unknown ablation setting 'bogus'"),
+    (["ablate", "alpha", "--settings", "+"], "unknown ablation setting"),
+    (["ablate", "alpha", "--num-instructions", "0"], "--num-instructions"),
+    (["ablate", "nope"], "unknown domain 'nope'"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, seeds, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "reports").exists()  # nothing ran
