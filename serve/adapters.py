@@ -139,5 +139,25 @@ def check_adapters(registry: Registry, experts_dir: Path, plan: EnginePlan,
             out.skipped[name] = str(e)
             log.error("expert %s left out: %s", entry.lora_name, e)
             continue
+        except Exception as e:  # noqa: BLE001 - one unreadable adapter must not stop the others
+            # PermissionError (published under umask 077 by another user), UnicodeDecodeError,
+            # a config that is JSON but not an object, a vanished folder: at start-up any of
+            # these escaping would crash-loop the engine replica, at hot-add stop the sync halfway.
+            out.skipped[name] = unreadable_reason(entry, e)
+            log.error("expert %s left out: %s", entry.lora_name, out.skipped[name], exc_info=e)
+            continue
         out.ok[name] = entry
     return out
+
+
+def unreadable_reason(entry: ExpertEntry, e: BaseException) -> str:
+    """Why an adapter could not be read, naming its folder relative to the experts dir (the
+    reason is shown to clients in /health and /v1/models: no server paths)."""
+    if isinstance(e, PermissionError):
+        fix = "make its files readable by the server's user (chmod -R a+rX)"
+    elif isinstance(e, OSError):
+        fix = "check the files are there and the storage is mounted, then re-publish it"
+    else:
+        fix = "its files are corrupt: re-publish the expert"
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"cannot read the adapter in {entry.adapter_path} ({type(e).__name__}: {detail}): {fix}"

@@ -17,8 +17,7 @@ from ray import serve
 
 from router.types import RouteChoice, RouterError
 from serve.config import build_serve_config
-from serve.watch import start_watch
-from specialize.registry import load_registry
+from serve.watch import RegistryFollower, RetrySchedule, start_watch
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,14 @@ class RouterServer:
         self.route.set_batch_wait_timeout_s(self.cfg.router.batch_wait_timeout_s)
         self.router, self.revision = None, -1
         self._reload_lock = asyncio.Lock()
+        self.follower = RegistryFollower(self.experts_dir)
+        self._retries = RetrySchedule()  # a failed index load is tried again, not only on change
         # batch_seconds: time inside the router (encode + search), against which callers'
         # timers show what the calls themselves cost
         self.stats = {"calls": 0, "batches": 0, "max_batch": 0, "batch_seconds": 0.0}
         await self.reload()
-        self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload)
+        self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload,
+                                  due=self._retries.any_due)
 
     def _load_router(self, experts_dir: Path):
         from router.encoder import canonical_name
@@ -55,19 +57,28 @@ class RouterServer:
         # One reload at a time: the registry watch and /admin/reload often fire together after
         # a publish, and the second finds the work done.
         async with self._reload_lock:
-            registry = load_registry(self.experts_dir)
-            if registry.revision != self.revision:
+            # Compared by the file's hash, not its revision (a rollback may reuse one); a
+            # missing registry.json keeps the router it has.
+            registry = self.follower.read()
+            digest = self.follower.digest
+            if self.follower.changed or self._retries.any_due():
                 # Build aside, then swap: routing keeps using the old index meanwhile.
-                router = await asyncio.to_thread(self._factory, self.experts_dir) \
-                    if registry.experts else None
+                try:
+                    router = await asyncio.to_thread(self._factory, self.experts_dir) \
+                        if registry.experts else None
+                except Exception:
+                    self._retries.failed("index")
+                    raise
+                self._retries.succeeded("index")
                 self.router, self.revision = router, registry.revision
+                self.follower.mark_applied(digest)
                 log.info("router at registry revision %d: %s", self.revision,
                          router.describe() if router else "no experts")
         return self.info()
 
     def info(self) -> dict:
         return {"revision": self.revision, "experts": list(self.router.names) if self.router
-                else [], **self.stats}
+                else [], "registry_problem": self.follower.problem, **self.stats}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def route(self, texts: list[str]) -> list[RouteChoice]:
