@@ -76,7 +76,10 @@ class ExpertEntry(BaseModel):
     base_model_path: str = Field(description="the resolved local folder vLLM and PEFT loaded")
     path: str = Field(description="version folder, relative to the experts dir")
     lora: LoraInfo
-    train: TrainInfo
+    # None: an adapter trained elsewhere and added with `selfspec experts add` (see `source`).
+    train: TrainInfo | None = None
+    source: str | None = Field(None, description="the folder `selfspec experts add` copied the "
+                               "adapter from; None for an expert made by `selfspec specialize`")
     # What the router indexes: seed instructions plus a sample of kept generated instructions.
     exemplars: list[str]
     created: datetime
@@ -106,6 +109,25 @@ class Registry(BaseModel):
             known = ", ".join(sorted(self.experts)) or "none"
             raise ExpertNotFoundError(f"no expert named {name!r} in the registry (experts: {known})")
         return self.experts[name]
+
+
+def version_dirs(experts_dir: str | os.PathLike, name: str) -> dict[int, Path]:
+    """The published versions of `name` on disk (kept after a rollback or a remove), by number."""
+    root = Path(experts_dir) / ".versions" / name
+    found = {}
+    for p in root.glob("v*"):
+        if p.name[1:].isdigit() and (p / "expert.json").is_file():
+            found[int(p.name[1:])] = p
+    return dict(sorted(found.items()))
+
+
+def read_version(experts_dir: str | os.PathLike, name: str, version: int) -> ExpertEntry:
+    """The registry entry a version folder was published with (its expert.json)."""
+    path = Path(experts_dir) / ".versions" / name / f"v{version}" / "expert.json"
+    try:
+        return ExpertEntry.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValidationError) as e:
+        raise RegistryError(f"cannot read {path}: {e}") from e
 
 
 def load_registry(experts_dir: str | os.PathLike) -> Registry:

@@ -78,7 +78,12 @@ def test_readme_examples_use_real_flags():
     for cmd, rest in lines:
         if cmd not in subs:
             continue  # prose like "selfspec implements"
-        known = {o for a in subs[cmd]._actions for o in a.option_strings}
+        actions = list(subs[cmd]._actions)
+        for a in subs[cmd]._actions:  # `selfspec experts add ...`: the nested command's flags
+            words = rest.split()
+            if a.choices and isinstance(a.choices, dict) and words and words[0] in a.choices:
+                actions += a.choices[words[0]]._actions
+        known = {o for a in actions for o in a.option_strings}
         for flag in re.findall(r"(--[a-z][a-z-]*)", rest):
             assert flag in known, f"README: selfspec {cmd} {flag} does not exist"
         shlex.split(rest)

@@ -8,7 +8,7 @@ import pytest
 import specialize.publish as publish_mod
 from specialize.errors import RegistryError
 from specialize.publish import ensure_writable, publish_expert
-from specialize.registry import REGISTRY_FILE, load_registry
+from specialize.registry import REGISTRY_FILE, load_registry, read_version, version_dirs
 from specialize.seeds import load_domain
 from tests.conftest import write_domain
 
@@ -86,3 +86,18 @@ def test_unwritable_experts_dir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(RegistryError, match="not writable"):
         ensure_writable(blocker / "experts")
+
+
+def test_version_dirs_lists_complete_versions_only(tmp_path):
+    experts = tmp_path / "experts"
+    publish(tmp_path / "a", experts)
+    publish(tmp_path / "b", experts)
+    (experts / ".versions/demo/.staging-1234").mkdir()  # a publish that crashed
+    (experts / ".versions/demo/v7").mkdir()  # no expert.json: not a published version
+    assert list(version_dirs(experts, "demo")) == [1, 2]
+    assert version_dirs(experts, "nobody") == {}
+    v1 = read_version(experts, "demo", 1)
+    assert (v1.version, v1.lora_name, v1.source) == (1, "demo@v1", None)
+    assert v1.train.examples == 1  # an expert made by `selfspec specialize` has a training summary
+    with pytest.raises(RegistryError, match="cannot read"):
+        read_version(experts, "demo", 7)
