@@ -32,6 +32,9 @@ def _specialize_parser(sub) -> None:
     p.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
     p.add_argument("--max-lora-rank", type=int, default=16,
                    help="the serving engine's max_lora_rank the adapter must fit")
+    p.add_argument("--no-gain", action="store_true",
+                   help="do not score each new expert against the base model on its domain's "
+                   "validation.jsonl (auto then treats it as unmeasured: router.require_gain)")
     p.add_argument("--corpus", default=None, metavar="PATH|none",
                    help="corpus folder for grounded answers (default: the domain's corpus/), "
                    "or 'none' for ungrounded")
@@ -101,6 +104,7 @@ def _run_specialize(args) -> int:
                "learning_rate": args.learning_rate, "batch_size": args.batch_size,
                "seed": args.seed},
         validate={"max_lora_rank": args.max_lora_rank},
+        gain={"enabled": not args.no_gain},
     )
     domains = available_domains() if args.all else args.domains
     ray_flags = [f for f, v in (("--shards", args.shards), ("--task-cpus", args.task_cpus),

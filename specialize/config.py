@@ -142,6 +142,19 @@ class ValidateConfig(_Config):
     max_lora_rank: ServableRank = 16  # vLLM's default max_lora_rank
 
 
+class GainConfig(_Config):
+    """Stage 5b: the new expert against the base model on the domain's validation split
+    (seeds/<domain>/validation.jsonl), in the training process; stored in the registry entry
+    for `router.require_gain`. A domain without the file publishes with no gain."""
+
+    enabled: bool = True
+    max_items: int | None = Field(None, ge=1, description="None: every validation item")
+    # Sequences per forward pass: the logits of a 49K vocabulary over 8 x ~150 tokens take
+    # ~0.25 GB in fp32.
+    batch_size: int = Field(8, ge=1)
+    resamples: int = Field(1000, ge=100)
+
+
 class SpecializeConfig(_Config):
     base_model: str = "smollm2-135m-instruct"
     experts_dir: Path = Path("experts")
@@ -155,6 +168,7 @@ class SpecializeConfig(_Config):
     responses: ResponseFilterConfig = ResponseFilterConfig()
     train: TrainConfig = TrainConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    gain: GainConfig = GainConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -23,9 +23,11 @@ from specialize.engine import Adapter, Generator, build_vllm_generator
 from specialize.errors import ConfigError
 from specialize.filter import build_filter, filter_instructions
 from specialize.filter_responses import filter_responses
+from specialize.gain import VALIDATION_FILE, load_validation
 from specialize.generate import generate_instructions
 from specialize.jsonl import write_json
 from specialize.publish import ensure_writable, publish_expert
+from specialize.registry import GainInfo
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
 from specialize.seeds import Domain, load_domain
@@ -61,6 +63,12 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
     corpus = cfg.respond.corpus
     if cfg.respond.retrieval != "none" and corpus and not any(Path(corpus).glob("*.md")):
         raise ConfigError(f"--corpus {corpus} is not a folder of Markdown (.md) passages")
+    # The validation splits the new experts are scored on (a bad file fails now, not after
+    # training); a domain without one publishes with no measured gain.
+    validation = {d.name: load_validation(d, cfg.gain) for d in loaded}
+    for d in [d for d in loaded if cfg.gain.enabled and not validation[d.name]]:
+        log.warning("%s: no scorable items in %s: its gain over the base model is not measured",
+                    d.name, d.root / VALIDATION_FILE)
     base_path = resolve_base_model(cfg.base_model)
     # Work dirs only now: a run that failed a check above leaves nothing to --resume.
     runs = [prepare_run(d, experts_dir / ".work" / d.name, cfg, resume, restart) for d in loaded]
@@ -77,7 +85,8 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
 
     # --- phase 2: train and validate round-1 adapters ----------------------------------------
     for run in runs:
-        _train(run, cfg, base_path, "respond_filter", "train")
+        _train(run, cfg, base_path, "respond_filter", "train",
+               validation[run.domain.name] if cfg.rounds == 1 else None)
 
     # --- phase 3 (optional): round 2 regenerates answers with each round-1 expert ------------
     if cfg.rounds == 2:
@@ -90,7 +99,7 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
             finally:
                 generator.close()
         for run in runs:
-            _train(run, cfg, base_path, "respond2_filter", "train2")
+            _train(run, cfg, base_path, "respond2_filter", "train2", validation[run.domain.name])
 
     # --- phase 4: publish --------------------------------------------------------------------
     results = []
@@ -196,11 +205,12 @@ def retriever_for(domain: Domain, cfg: SpecializeConfig):
 
 
 def _train(run: DomainRun, cfg: SpecializeConfig, base_path: Path, data_stage: str,
-           stage: str) -> None:
+           stage: str, gain_items: list | None = None) -> None:
+    """gain_items: the validation split, for the adapter that will be published."""
     if not run.done(stage):
         t = time.time()
         res = train_adapter(base_path, cfg.train, run.workdir / data_stage / "train.jsonl",
-                            run.workdir / stage)
+                            run.workdir / stage, gain_items, cfg.gain)
         run.finish(stage, res, time.time() - t)
     if not run.done(f"validate_{stage}"):
         t = time.time()
@@ -232,6 +242,7 @@ def _summary(run: DomainRun, final: str) -> dict:
             "train_examples": done[final]["examples"],
             "rejected_responses": done["respond_filter"]["rejected"],
             "loss_first": done[final]["loss_first"], "loss_last": done[final]["loss_last"],
+            "gain": done[final].get("gain"),
             "seconds": dict(run.state["seconds"])}
 
 
@@ -248,6 +259,11 @@ def format_summary(results: list[dict]) -> str:
         lines.append(f"{r['domain']:<12} {r.get('version', '-'):>3} {r['candidates']:>9} "
                      f"{r['kept_instructions']:>5} {r['train_examples']:>5} "
                      f"{r['loss_first']:>7.3f}→{r['loss_last']:<7.3f}  {rej_s or '-'}")
+    gains = [(r["domain"], r.get("gain")) for r in results]
+    if any(g for _, g in gains):  # what `router.require_gain` will decide on
+        lines += ["", "expert - base on the validation split (auto routes only to gains > 0):"]
+        lines += [f"  {d:<12} " + (GainInfo(**g).describe() if g else "not measured")
+                  for d, g in gains]
     lines += ["", "wall time per stage (s):"]
     for r in results:
         lines.append(f"  {r['domain']:<12} " + "  ".join(f"{k}={v}" for k, v in

@@ -21,6 +21,7 @@ from specialize.errors import RegistryError
 from specialize.jsonl import read_jsonl, write_json
 from specialize.registry import (
     ExpertEntry,
+    GainInfo,
     LoraInfo,
     TrainInfo,
     load_registry,
@@ -93,7 +94,9 @@ def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: 
                                 loss_first=train_summary["loss_first"],
                                 loss_last=train_summary["loss_last"], rounds=rounds),
                 exemplars=[s.instruction for s in domain.seeds] + sample,
-                created=utcnow())
+                created=utcnow(),
+                # expert vs base on the validation split, measured after training (gain.py)
+                gain=GainInfo(**train_summary["gain"]) if train_summary.get("gain") else None)
             write_json(staging / "expert.json", entry.model_dump(mode="json"))
             final = versions / f"v{version}"
             os.rename(staging, final)  # atomic: the folder appears complete or not at all

@@ -65,6 +65,45 @@ class TrainInfo(BaseModel):
     rounds: int = 1
 
 
+class GainInfo(BaseModel):
+    """The expert against its base model on its domain's validation split (seeds/<domain>/
+    validation.jsonl, which `selfspec eval` never reads), measured right after training
+    (specialize/gain.py). `auto` routes only to experts whose gain helps (`router.require_gain`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    metric: str = Field(description="what one item scores, e.g. validation_score (0/1)")
+    expert: float
+    base: float
+    diff: float = Field(description="expert - base, mean over the same items")
+    ci: list[float] = Field(description="95% paired bootstrap interval of diff")
+    p_not_better: float = Field(description="share of bootstrap resamples with diff <= 0")
+    n: int = Field(ge=1, description="validation items scored")
+
+    def helps(self, max_p: float = 1.0) -> bool:
+        return self.diff > 0 and self.p_not_better <= max_p
+
+    def describe(self) -> str:
+        lo, hi = self.ci
+        return (f"{self.diff:+.3f} vs base on validation (95% CI {lo:+.3f}..{hi:+.3f}, "
+                f"p {self.p_not_better:.2f}, n {self.n})")
+
+
+def gain_refusal(gain: GainInfo | None, require_gain: str, max_p: float = 1.0) -> str:
+    """Why `auto` must not send a query to an expert with this gain ("" when it may).
+    require_gain: "off" (any expert), "on" (a measured gain must help; an unmeasured expert -
+    an old registry, `selfspec experts add` - is given the benefit of the doubt), "strict" (only
+    experts measured to help)."""
+    if require_gain == "off":
+        return ""
+    if gain is None:
+        return "its gain over the base model is not measured" if require_gain == "strict" else ""
+    if gain.helps(max_p):
+        return ""
+    if gain.diff > 0:
+        return f"its gain is not significant ({gain.describe()}; needs p <= {max_p:g})"
+    return f"it did not beat the base model ({gain.describe()})"
+
+
 class ExpertEntry(BaseModel):
     """One published expert version. `expert.json` in the version folder holds the same object."""
 
@@ -83,6 +122,9 @@ class ExpertEntry(BaseModel):
     # What the router indexes: seed instructions plus a sample of kept generated instructions.
     exemplars: list[str]
     created: datetime
+    # None: not measured (a registry written before gains were, `experts add`, no validation
+    # split, or `specialize --no-gain`).
+    gain: GainInfo | None = None
 
     _check_name = field_validator("name")(lambda cls, v: check_name(v))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from specialize.config import TrainConfig
+from specialize.config import GainConfig, TrainConfig
 from specialize.jsonl import read_jsonl, write_json
 from specialize.prompts import Task, user_message
 
@@ -43,7 +43,10 @@ def tokenize_example(tokenizer, row: dict, max_len: int) -> dict | None:
 
 
 def train_adapter(base_model_path: Path, cfg: TrainConfig, train_file: Path,
-                  out_dir: Path) -> dict:
+                  out_dir: Path, gain_items: list | None = None,
+                  gain_cfg: GainConfig | None = None) -> dict:
+    """Train, save; then, with `gain_items` (the domain's validation split), score the expert
+    against the base on them while the model is still in memory (specialize/gain.py)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,6 +122,13 @@ def train_adapter(base_model_path: Path, cfg: TrainConfig, train_file: Path,
     summary = {"examples": len(examples), "steps": total, "epochs": cfg.epochs,
                "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"],
                "seconds": round(time.time() - started, 1)}
+    if gain_items:
+        from specialize.gain import measure_gain
+
+        t = time.time()
+        summary["gain"] = measure_gain(model, tokenizer, gain_items, gain_cfg or GainConfig(),
+                                       cfg.seed)
+        summary["gain_seconds"] = round(time.time() - t, 1)
     write_json(out_dir / "config.json", {"train": cfg.model_dump(mode="json"),
                                          "base_model_path": str(base_model_path),
                                          "result": summary})

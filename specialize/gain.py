@@ -1,0 +1,159 @@
+"""Stage 5b: the new expert against its base model on the domain's validation split.
+
+`seeds/<domain>/validation.jsonl` has the format of `eval.jsonl` but is never read by `selfspec
+eval`, so routing decisions taken on it do not tune the reported numbers. It runs right after
+training, in the training process, on the PEFT model already in memory: the base model is the
+same model under `disable_adapter()`, so the measurement loads nothing.
+
+Items are scored by likelihood only (no generation), with the prompts of evaluation/formats.py:
+
+    multiple_choice  cloze: each option's summed log-likelihood as the reply to the question
+                     (options not listed); the highest per character wins (acc_norm, the
+                     eval's headline for this type)
+    yes_no           the question + "Answer yes or no."; the reply "Yes"/"yes" against
+                     "No"/"no" (log-sum-exp of each pair); a stable stand-in for the eval's
+                     greedy first word
+    classification   the labels scored as cloze options after the eval's prompt
+
+Short answers need generation and are left out. The per-item 0/1 scores of expert and base give
+the paired bootstrap of evaluation/stats.py: diff, its 95% interval, P(not better).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+from specialize.config import GainConfig
+from specialize.seeds import Domain, EvalItem, load_jsonl
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FILE = "validation.jsonl"
+METRIC = "validation_score"
+SCORED = ("multiple_choice", "yes_no", "classification")
+YES, NO = ("Yes", "yes"), ("No", "no")
+
+
+def load_validation(domain: Domain, cfg: GainConfig) -> list[EvalItem]:
+    """The domain's scorable validation items (a bad file fails here, before any model loads);
+    [] when the domain has no validation split. max_items takes them round-robin over types."""
+    path = domain.root / VALIDATION_FILE
+    if not cfg.enabled or not path.is_file():
+        return []
+    items = [it for it in load_jsonl(path, EvalItem) if it.type in SCORED]
+    if cfg.max_items is None or cfg.max_items >= len(items):
+        return items
+    by_type: dict[str, list[EvalItem]] = defaultdict(list)
+    for it in items:
+        by_type[it.type].append(it)
+    picked: list[EvalItem] = []
+    while len(picked) < cfg.max_items:
+        for queue in by_type.values():
+            if queue and len(picked) < cfg.max_items:
+                picked.append(queue.pop(0))
+    return picked
+
+
+def measure_gain(model, tokenizer, items: list[EvalItem], cfg: GainConfig,
+                 seed: int = 0) -> dict | None:
+    """{metric, expert, base, diff, ci, p_not_better, n} (registry.GainInfo's fields) for a
+    PEFT model, or None without items."""
+    # evaluation's own prompts, scoring rules and bootstrap, so this gain and `selfspec eval`
+    # agree on what an item is worth; both modules import only specialize and numpy.
+    from evaluation.stats import paired_diff
+
+    if not items:
+        return None
+    was_training = model.training
+    model.eval()  # no LoRA dropout
+    try:
+        expert = score_items(model, tokenizer, items, cfg.batch_size)
+        with model.disable_adapter():
+            base = score_items(model, tokenizer, items, cfg.batch_size)
+    finally:
+        model.train(was_training)
+    d = paired_diff(expert, base, cfg.resamples, seed)
+    return {"metric": METRIC,
+            "expert": round(sum(expert) / len(expert), 4),
+            "base": round(sum(base) / len(base), 4),
+            "diff": d["diff"], "ci": d["ci"], "p_not_better": d["p_not_better"],
+            "n": len(items)}
+
+
+def score_items(model, tokenizer, items: list[EvalItem], batch_size: int) -> list[float]:
+    """Each item's 0/1 score under `model` as it is (adapter on or off)."""
+    from evaluation.formats import score_multiple_choice, user_text
+
+    pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    spans = []  # per item: (first pair, number of pairs)
+    for it in items:
+        ctx = chat_ids(tokenizer, user_text(it))
+        conts = _continuations(it)
+        spans.append((len(pairs), len(conts)))
+        pairs += [(ctx, tuple(tokenizer.encode(c, add_special_tokens=False))) for c in conts]
+    ll = continuation_logliks(model, pairs, batch_size)
+    scores = []
+    for it, (at, n) in zip(items, spans):
+        got = ll[at:at + n]
+        if it.type == "yes_no":
+            yes, no = _logsumexp(got[:len(YES)]), _logsumexp(got[len(YES):])
+            scores.append(float(("yes" if yes > no else "no") == it.answer.lower()))
+        elif it.type == "multiple_choice":
+            scores.append(score_multiple_choice(it, got).score)
+        else:  # classification: the labels as cloze options, normalized by length
+            labels = it.labels or []
+            best = max(range(len(labels)), key=lambda i: got[i] / max(1, len(labels[i])))
+            scores.append(float(labels[best] == it.answer))
+    return scores
+
+
+def _continuations(item: EvalItem) -> list[str]:
+    if item.type == "yes_no":
+        return [*YES, *NO]
+    if item.type == "multiple_choice":
+        return list(item.options or [])
+    return list(item.labels or [])
+
+
+def chat_ids(tokenizer, user: str) -> tuple[int, ...]:
+    """The user turn in the chat template, tokenized as training and the eval tokenize it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+def continuation_logliks(model, pairs: list[tuple[tuple[int, ...], tuple[int, ...]]],
+                         batch_size: int) -> list[float]:
+    """Summed log-probability of each continuation after its context, right-padded batches of
+    similar lengths; only the continuation's positions go through log_softmax."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = [0.0] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    with torch.no_grad():
+        for at in range(0, len(order), batch_size):
+            chunk = order[at:at + batch_size]
+            seqs = [pairs[i][0] + pairs[i][1] for i in chunk]
+            n = max(map(len, seqs))
+            ids = torch.tensor([list(s) + [0] * (n - len(s)) for s in seqs], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for row, i in enumerate(chunk):
+                ctx, cont = pairs[i]
+                if not cont:
+                    continue
+                # the token at position p is predicted by the logits at p - 1
+                pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=device)
+                logp = torch.log_softmax(logits[row, pos].float(), dim=-1)
+                out[i] = float(logp[torch.arange(len(cont), device=device),
+                                    torch.tensor(cont, device=device)].sum())
+    return out
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
