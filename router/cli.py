@@ -33,7 +33,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_route)
 
     b = sub.add_parser("bench", help="benchmark a component and write reports/bench_*.json")
-    b.add_argument("target", choices=["router", "serving", "all"])
+    b.add_argument("target", choices=["router", "serving", "respond", "all"],
+                   help="respond: stage 3 with per-instruction vs shared demos on one engine")
     b.add_argument("--out", type=Path, default=Path("reports"))
     b.add_argument("--experts-dir", type=Path, default=Path("experts"),
                    help="registry to bench (default experts/; the shipped seeds if it is empty)")
@@ -46,6 +47,10 @@ def add_parsers(sub) -> None:
     b.add_argument("--dtype", choices=("auto", "bfloat16", "float32", "float16"), default="auto",
                    help="serving: engine precision for the stack and its baselines (auto: bf16 "
                    "only where the CPU has AMX/AVX512-BF16; default %(default)s)")
+    b.add_argument("--domain", default="biomedicine", help="respond: the domain (%(default)s)")
+    b.add_argument("--instructions", type=_at_least_1, default=64,
+                   help="respond: instructions answered per run (%(default)s)")
+    b.add_argument("--base-model", default="smollm2-135m-instruct", help="respond: base model")
     b.add_argument("--rounds", type=_at_least_1, default=5,
                    help="serving: alternating rounds over the setups, medians reported (5)")
     b.add_argument("--latency-pairs", type=_at_least_1, default=24,
@@ -188,6 +193,10 @@ def run_bench(args) -> int:
         from serve.cli import run_bench_serving  # lazily: Ray/vLLM only for this target
 
         code = run_bench_serving(args)
+    if args.target == "respond":  # not in `all`: it measures the offline pipeline, not serving
+        from specialize.bench_respond import run_respond_bench
+
+        code = run_respond_bench(args)
     return code
 
 
