@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +20,9 @@ def add_parsers(sub) -> None:
     _serve_flags(p)
     p.set_defaults(func=run_serve)
 
-    u = sub.add_parser("up", help="first run: specialize the shipped domains missing from the "
-                       "registry (CPU-sized defaults), then serve them")
+    u = sub.add_parser("up", help="serve at once, and specialize the shipped domains missing "
+                       "from the registry in the background (CPU-sized defaults); each expert "
+                       "joins the server when it is published")
     _serve_flags(u)
     u.add_argument("--domains", nargs="+", metavar="DOMAIN",
                    help="domains to have (default: every shipped domain under seeds/)")
@@ -105,7 +105,7 @@ def deploy_settings(path: Path | None) -> dict:
 
 
 def run_serve(args) -> int:
-    from serve.app import resolve_config
+    from serve.app import require_experts_dir, resolve_config
 
     settings = deploy_settings(args.config)
     cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
@@ -117,59 +117,90 @@ def run_serve(args) -> int:
 
 
 def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bool) -> int:
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
-    from specialize.errors import SelfspecError
+    """`selfspec serve`: start, print how to use it, serve until Ctrl-C or SIGTERM."""
+    from specialize.console import console
     from specialize.registry import load_registry
 
     registry = load_registry(cfg.experts_dir)
     if not registry.experts:
-        print(f"note: no experts in {cfg.experts_dir}: serving the base model only "
-              "(run `selfspec up` to specialize the shipped domains)", file=sys.stderr)
-    print(f"starting Ray Serve + vLLM for {len(registry.experts)} expert(s) "
-          f"(about a minute on CPU) ...", file=sys.stderr)
-    # Ctrl-C and `kill` (SIGTERM) both stop the app cleanly; a shell that started us in the
-    # background leaves SIGINT ignored, so install the handler explicitly.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    ray.init(include_dashboard=False, log_to_driver=verbose, namespace="selfspec")
+        console.say(f"note: no experts in {cfg.experts_dir}: serving the base model only "
+                    "(run `selfspec up` to specialize the shipped domains)")
+    console.interrupt_message = lambda: (
+        f"stopped: the experts in {cfg.experts_dir} are kept; serve them again with: "
+        "selfspec serve" + (f" --experts-dir {cfg.experts_dir}" if cfg.experts_dir !=
+                            Path("experts").resolve() else ""))
+    server = start_serving(cfg, host, port, name, prefix, verbose, len(registry.experts))
     try:
-        serve.start(http_options={"host": host, "port": port})
-        try:
-            serve.run(build_app(cfg.model_dump(mode="json")), name=name, route_prefix=prefix)
-        except SelfspecError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a replica failed to start: say where to look
-            print(f"selfspec: error: the server did not start ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); replica logs are in "
-                  "/tmp/ray/session_latest/logs/serve/ (rerun with -v to see them here)",
-                  file=sys.stderr)
+        if server.url is None:
             return 1
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}" + \
-            prefix.rstrip("/")
-        print(ready_message(url, registry, cfg.api_key, _health(url)))
+        print(ready_message(server.url, registry, cfg.api_key, _health(server.url)), flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        print("\nstopping ...", file=sys.stderr)
-        return 0
     finally:
+        server.stop()
+
+
+class Server:
+    """A running Serve app (see start_serving); stop() takes it down, once."""
+
+    def __init__(self, name: str, own_ray: bool):
+        self.name, self.own_ray, self.url, self.stopped = name, own_ray, None, False
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        import ray
+        from ray import serve
+
         # A second Ctrl-C while replicas stop would leave the engine processes behind.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            serve.delete(name) if not own_ray else serve.shutdown()
+            serve.delete(self.name) if not self.own_ray else serve.shutdown()
         finally:
             ray.shutdown()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def start_serving(cfg, host: str, port: int, name: str, prefix: str, verbose: bool,
+                  experts: int) -> Server:
+    """Ray + the Serve app, behind a spinner. server.url is None when a replica failed to start
+    (the reason is printed); stop() the server in either case."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from specialize.console import console
+    from specialize.errors import SelfspecError
+
+    server = Server(name, own_ray=not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"))
+    what = f"{experts} expert(s)" if experts else "the base model"
+    try:
+        with console.spinner(f"starting Ray Serve + vLLM with {what} (a minute or more on "
+                             "CPU)"):
+            ray.init(include_dashboard=False, log_to_driver=verbose, namespace="selfspec")
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(build_app(cfg.model_dump(mode="json")), name=name, route_prefix=prefix)
+    except SelfspecError:
+        server.stop()
+        raise
+    except Exception as e:  # a replica failed to start: say where to look
+        if console.interrupted:  # Ctrl-C surfaced as a Ray error: main prints the one line
+            server.stop()
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        console.say(f"selfspec: error: the server did not start ({type(e).__name__}: {first}); "
+                    "replica logs are in /tmp/ray/session_latest/logs/serve/ (rerun with -v to "
+                    "see them here)")
+        return server
+    except BaseException:
+        server.stop()
+        raise
+    server.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}" + \
+        prefix.rstrip("/")
+    return server
 
 
 def _health(url: str) -> dict:
@@ -183,7 +214,8 @@ def _health(url: str) -> dict:
         return {"status": f"unknown ({e})", "skipped": {}}
 
 
-def ready_message(url: str, registry, api_key: str | None, health: dict) -> str:
+def ready_message(url: str, registry, api_key: str | None, health: dict,
+                  building: list[str] = ()) -> str:
     experts = sorted(registry.experts)
     question = registry.experts[experts[0]].exemplars[0] if experts else "What is a bond?"
     question = question.replace("'", "").replace('"', "")[:120]
@@ -192,6 +224,9 @@ def ready_message(url: str, registry, api_key: str | None, health: dict) -> str:
              f"  models: auto, base, {', '.join(experts) or '(no experts yet)'}"]
     for name, why in (health.get("skipped") or {}).items():
         lines.append(f"  left out: {name}: {why.splitlines()[0]}")
+    if building:
+        lines.append(f"  being made: {', '.join(building)} (each joins the models when it is "
+                     "published; auto answers with the base model until then)")
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": question}],
                        "max_tokens": 64})
@@ -202,42 +237,21 @@ def ready_message(url: str, registry, api_key: str | None, health: dict) -> str:
     curl = f"  curl -si {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\"
     lines += ["", "try it:", curl, f"    -d '{body}'",
               "", f'  python -c "{python}"',
-              "", "Ctrl-C stops the server."]
+              "", "Ctrl-C stops the server" + (" and the specialization (running `selfspec "
+                                               "up` again continues it)." if building else ".")]
     return "\n".join(lines)
 
 
 def run_up(args) -> int:
     from serve.app import resolve_config
-    from specialize.registry import load_registry
-    from specialize.seeds import available_domains
+    from serve.up import run_up as up
 
     settings = deploy_settings(args.config)
     cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
                          api_key=args.api_key)
-    wanted = args.domains or available_domains()
-    missing = [d for d in wanted if d not in load_registry(cfg.experts_dir).experts]
-    if missing:
-        print(f"specializing {', '.join(missing)} into {cfg.experts_dir} (first run: about "
-              f"{6 * len(missing)} minutes on 2 CPU cores; Ctrl-C and rerun continues) ...",
-              file=sys.stderr)
-        specialize_missing(missing, cfg.experts_dir, args.base_model)
-    else:
-        print(f"registry {cfg.experts_dir} already has {', '.join(wanted)}", file=sys.stderr)
-    if args.no_serve:
-        return 0
     host = args.host or settings["host"] or "127.0.0.1"
     port = args.port or settings["port"] or 8000
-    return serve_forever(cfg, host, port, settings["name"], settings["route_prefix"],
-                         verbose=getattr(args, "verbose", False))
-
-
-def specialize_missing(domains: list[str], experts_dir: Path, base_model: str) -> None:
-    from specialize.config import build_config
-    from specialize.pipeline import format_summary, specialize
-
-    cfg = build_config(base_model=base_model, experts_dir=experts_dir)  # the CPU defaults
-    results = specialize(domains, cfg, resume=True)  # resume: an interrupted `up` continues
-    print(format_summary(results), file=sys.stderr)
+    return up(args, cfg, host, port, settings["name"], settings["route_prefix"])
 
 
 def run_cluster_demo(args) -> int:

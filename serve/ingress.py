@@ -41,6 +41,7 @@ from serve.protocol import (
     parse_json,
 )
 from serve.selection import AUTO, BASE, Selector
+from specialize.build_status import describe_in_progress, read_build_status
 from specialize.errors import SelfspecError
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class Service:
 
     async def health(self) -> JSONResponse:
         try:
+        out["building"] = self.building()
             cat = await self.selector.get_catalog(fresh=True)
             router = await self.router.info()
         except Exception as e:  # noqa: BLE001 - a health check reports, never raises
@@ -173,7 +175,13 @@ class Service:
                              "registry_revision": cat["revision"], "lora": cat["lora"],
                              "router": router, "auth": bool(self.api_key),
                              "precision": cat.get("precision"),
-                             "cpu_pinning": cat.get("cpu_pinning")})
+                             "cpu_pinning": cat.get("cpu_pinning"),
+                             "building": self.building()})
+
+    def building(self) -> dict[str, dict]:
+        """The experts a specialize run is still making (its <experts>/building.json): a
+        one-page file read per call, so a status is never older than the run's last write."""
+        return describe_in_progress(read_build_status(self.cfg.experts_dir))
 
     async def reload(self, raw: Request) -> dict:
         self.authorize(raw)

@@ -87,7 +87,7 @@ def _specialize_parser(sub) -> None:
 def _run_specialize(args) -> int:
     from specialize.config import build_config
     from specialize.errors import ConfigError
-    from specialize.pipeline import format_summary, specialize
+    from specialize.pipeline import format_summary
     from specialize.seeds import available_domains
 
     if args.all == bool(args.domains):
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         # After Ctrl-C, whatever surfaces (KeyboardInterrupt, or vLLM's EngineDeadError because
         # the engine core got the same SIGINT) ends in the one line, not a traceback.
-        if console.interrupted:
+        if console.interrupted or isinstance(e, KeyboardInterrupt):
             console.end_status()
             console.say(interrupt_line())
             return 130

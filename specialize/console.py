@@ -34,7 +34,7 @@ PLAIN_EVERY_S = 30.0
 def format_seconds(s: float | None) -> str:
     if s is None:
         return "?"
-    s = max(0, int(round(s)))
+    s = max(0, round(s))
     if s < 60:
         return f"{s} s"
     if s < 3600:
@@ -52,6 +52,7 @@ class Console:
         # Set by a command: the one line printed when Ctrl-C ends it (what is kept, how to go on).
         self.interrupt_message: Callable[[], str] | None = None
         self.interrupted = False
+        self.log_path: Path | None = None  # where route_output() sends descriptor 2
 
     @property
     def stream(self) -> TextIO:
@@ -150,9 +151,10 @@ def route_output(command: str, verbose: bool) -> Path:
     """Descriptor 2 -> a new log file (tee'd to the terminal when verbose); our console keeps
     the terminal. Python logging: everything to the log; our own warnings also to the console.
     Returns the log file's path."""
-    folder = log_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{command}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    # A child of `selfspec up` writes into its parent's log (one file to read).
+    path = Path(os.environ.get("SELFSPEC_LOG_FILE") or log_dir() /
+                f"{command}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     terminal = os.dup(2)
@@ -163,6 +165,7 @@ def route_output(command: str, verbose: bool) -> Path:
         os.dup2(log_fd, 2)
         os.close(log_fd)
     console.stream = os.fdopen(terminal, "w", buffering=1, encoding="utf-8", errors="replace")
+    console.log_path = path
 
     # vLLM logs to stdout unless told otherwise; its INFO lines are worth keeping in the log.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

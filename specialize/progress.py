@@ -10,6 +10,7 @@ seconds. It keeps one console line current and writes `<experts>/building.json`
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import threading
 import time
@@ -23,6 +24,8 @@ from specialize.build_status import (
 )
 from specialize.console import Console, format_seconds
 from specialize.registry import load_registry
+
+log = logging.getLogger(__name__)
 
 # In the order the pipeline runs them for one domain (round 2's stages follow round 1's).
 STAGES = ("generate", "filter", "respond", "respond_filter", "train", "validate_train",
@@ -75,7 +78,7 @@ def live_bars() -> list[dict]:
             continue
         try:
             fd = b.format_dict
-        except Exception:  # noqa: BLE001 - a bar closing under us: skip it this round
+        except Exception:  # noqa: BLE001, S112 - a bar closing under us: skip it this round
             continue
         out.append({"desc": str(fd.get("prefix") or b.desc or ""), "n": int(b.n),
                     "total": int(b.total) if b.total else None, "rate": fd.get("rate")})
@@ -153,10 +156,10 @@ class ProgressMonitor:
         while not self._stop.wait(self.interval_s):
             try:
                 self.refresh()
-            except Exception:  # noqa: BLE001 - progress must never fail the run
-                pass
+            except Exception:  # progress must never fail the run
+                log.debug("progress refresh failed", exc_info=True)
 
-    def __enter__(self) -> ProgressMonitor:
+    def __enter__(self):
         self.refresh()
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._thread.start()
@@ -217,7 +220,7 @@ def kept_summary(experts_dir: Path, domains: list[str]) -> str:
         files = {"generate": "generate/instructions.jsonl", "respond": "respond/responses.jsonl",
                  "respond2": "respond2/responses.jsonl"}
         count = _count_lines(workdir / files[stage]) if stage in files else 0
-        what = f"{count} {LABELS[stage]}" if count else f"done up to {LABELS[stage]}"
+        what = f"{count} {LABELS[stage]}" if count else f"at {LABELS[stage]}"
         partial.append(f"{name} ({what})")
     bits = []
     if ready:

@@ -216,21 +216,42 @@ def test_deploy_settings_read_the_yaml_and_flags_win(tmp_path):
         deploy_settings(bad)
 
 
-def test_up_specializes_only_what_is_missing_then_serves(tmp_path, monkeypatch):
-    from serve import cli
+def test_up_serves_first_then_specializes_only_what_is_missing(tmp_path, monkeypatch):
+    from serve import cli, up
 
     write_registry(tmp_path, registry(entry("law")))
-    calls = {}
-    monkeypatch.setattr(cli, "specialize_missing",
-                        lambda domains, d, base: calls.setdefault("specialize", domains))
-    monkeypatch.setattr(cli, "serve_forever",
-                        lambda cfg, host, port, name, prefix, verbose: calls.setdefault(
-                            "serve", (cfg.experts_dir, host, port, name)) and 0)
+    calls = []
+
+    class FakeServer:
+        url = "http://127.0.0.1:9001"
+
+        def stop(self):
+            calls.append("stop")
+
+    def fake_start(cfg, host, port, name, prefix, verbose, experts):
+        calls.append(("serve", cfg.experts_dir, host, port, name, experts))
+        return FakeServer()
+
+    def fake_sleep(s):  # the serving loop: Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "start_serving", fake_start)
+    monkeypatch.setattr(cli, "_health", lambda url: {"status": "ok"})
+    monkeypatch.setattr(up, "start_specialize", lambda cmd, log: calls.append(("child", cmd)))
+    monkeypatch.setattr(up, "watch_child", lambda child, cfg, url, domains: calls.append(
+        ("watch", url, domains)) or 0)
+    monkeypatch.setattr(up.time, "sleep", fake_sleep)
     from specialize.cli import main
     assert main(["up", "--experts-dir", str(tmp_path), "--domains", "law", "finance",
-                 "--port", "9001"]) == 0
-    assert calls["specialize"] == ["finance"]
-    assert calls["serve"] == (tmp_path.resolve(), "127.0.0.1", 9001, "selfspec")
+                 "--port", "9001", "--base-model", str(tmp_path)]) == 130
+    serve, (child, cmd), watch, stop = calls
+    assert serve == ("serve", tmp_path.resolve(), "127.0.0.1", 9001, "selfspec", 1)
+    # Only the missing domain, each published as soon as it is ready, at a lower priority.
+    assert cmd[cmd.index("specialize", 3):] == [
+        "specialize", "finance", "--experts-dir", str(tmp_path.resolve()), "--base-model",
+        str(tmp_path), "--resume", "--publish-each"]
+    assert cmd[:3] == [cmd[0], "-n", str(up.NICENESS)] and cmd[0].endswith("nice")
+    assert watch == ("watch", FakeServer.url, ["finance"]) and stop == "stop"
 
 
 def test_ready_message_is_pasteable():
