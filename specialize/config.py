@@ -30,6 +30,10 @@ def _servable(rank: int) -> int:
 ServableRank = Annotated[int, AfterValidator(_servable)]
 
 
+# The stages `selfspec specialize --stop-after` can stop after, in run order.
+STAGES = ("generate", "filter", "respond", "filter_responses", "train")
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -85,6 +89,21 @@ class FilterConfig(_Config):
         "maps", "draw", "plot", "go to", "video", "audio", "flowchart", "diagram", "photo",
         "chart", "spreadsheet", "website", "url", "link", "screenshot",
     )
+    # What a small model gets wrong (issue 16; specialize/quality.py). Both need the router's
+    # embedded encoder; a tiny random test model writes noise they rightly reject.
+    wellformed: bool = True  # a question or imperative, not a fragment; the input fits the task
+    # Cosine between an input's and its instruction's embeddings: 0.05 is below all but one of
+    # the 114 shipped seeds with an input (0.013); "Identify and create group note to sell way."
+    # with its unrelated input scores 0.12, so this catches only inputs with nothing in common.
+    min_input_similarity: float = Field(0.05, ge=-1, lt=1)
+    relevance: bool = True  # closer to its own domain than to every other and to everyday tasks
+    # own score - best rival score must be at least this (0: nearest wins). At 0, 95-99% of each
+    # domain's seeds pass leave-one-out and 1-4% of the everyday routing_none queries do.
+    relevance_margin: float = Field(0.0, ge=-1, le=1)
+    relevance_top_k: int = Field(3, ge=1, le=20)  # a set's score: mean cosine to its k nearest
+    # Reject when the base model's perplexity of the task exceeds this multiple of the seeds'
+    # median perplexity (None: off). Needs the run's vLLM engine (prompt logprobs).
+    max_perplexity_ratio: float | None = Field(4.0, gt=1)
 
 
 class RespondConfig(_Config):

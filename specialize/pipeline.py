@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specialize.base_model import resolve_base_model
-from specialize.config import SpecializeConfig
+from specialize.config import STAGES, SpecializeConfig
+from specialize.datacard import build_data_card, write_data_card
 from specialize.engine import Adapter, Generator, build_vllm_generator
 from specialize.errors import ConfigError
 from specialize.filter import build_filter, filter_instructions
@@ -52,9 +53,20 @@ class DomainRun:
         write_json(self.workdir / "state.json", self.state)
 
 
+# What each stage records in state.json when it is done (`--stop-after` names the stage).
+_DONE_KEY = {"generate": "generate", "filter": "filter", "respond": "respond",
+             "filter_responses": "respond_filter", "train": "validate_train"}
+
+
 def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
-               restart: bool = False, make_generator=build_vllm_generator) -> list[dict]:
+               restart: bool = False, make_generator=build_vllm_generator,
+               stop_after: str | None = None) -> list[dict]:
+    """Run every stage and publish; with `stop_after`, stop after that stage instead, keep the
+    work dirs for `--resume`, write each one's data card there and return where it is."""
     # --- everything that can fail fast does, before a model is loaded -------------------------
+    if stop_after is not None and stop_after not in STAGES:
+        raise ConfigError(f"--stop-after {stop_after!r} is no stage; use one of "
+                          f"{', '.join(STAGES)}")
     loaded = [load_domain(d) for d in domains]
     if len({d.name for d in loaded}) != len(loaded):
         raise ConfigError(f"a domain is named twice: {domains}")
@@ -74,19 +86,24 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
     runs = [prepare_run(d, experts_dir / ".work" / d.name, cfg, resume, restart) for d in loaded]
 
     # --- phase 1: the base model writes instructions and answers them -------------------------
-    need = [r for r in runs if not r.done("respond_filter")]
+    last = stop_after if stop_after in ("generate", "filter", "respond") else "filter_responses"
+    need = [r for r in runs if not r.done(_DONE_KEY[last])]
     if need:
         generator = make_generator(base_path, cfg.engine)
         try:
             for run in need:
-                _generate_data(run, cfg, generator)
+                _generate_data(run, cfg, generator, last)
         finally:
             generator.close()
+    if stop_after == last:
+        return _preview(runs, cfg, stop_after)
 
     # --- phase 2: train and validate round-1 adapters ----------------------------------------
     for run in runs:
         _train(run, cfg, base_path, "respond_filter", "train",
                validation[run.domain.name] if cfg.rounds == 1 else None)
+    if stop_after == "train":
+        return _preview(runs, cfg, stop_after)
 
     # --- phase 3 (optional): round 2 regenerates answers with each round-1 expert ------------
     if cfg.rounds == 2:
@@ -107,6 +124,7 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         final = "train2" if cfg.rounds == 2 else "train"
         summary = _summary(run, final)
         write_json(run.workdir / "summary.json", summary)
+        write_data_card(_data_card(run, cfg), run.workdir)  # publish copies it beside the adapter
         started = time.time()
         entry = publish_expert(
             run.domain, experts_dir, run.workdir, run.workdir / final,
@@ -122,6 +140,32 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         results.append(summary)
     rebuild_router_index(experts_dir)
     return results
+
+
+def _data_card(run: DomainRun, cfg: SpecializeConfig, stopped_after: str | None = None) -> dict:
+    """The run's data card; without the encoder (a broken install) it lacks the on-domain rate
+    rather than failing a finished run."""
+    from specialize.quality import load_default_encoder
+
+    try:
+        encoder = load_default_encoder()
+    except Exception as e:  # noqa: BLE001 - the card is a report: it must not undo the run
+        log.warning("data card without the on-domain rate: encoder not loaded (%s)", e)
+        encoder = None
+    return build_data_card(run.domain, run.workdir, encoder, cfg.engine.seed, stopped_after)
+
+
+def _preview(runs: list[DomainRun], cfg: SpecializeConfig, stage: str) -> list[dict]:
+    """`--stop-after`: the work dirs stay for `--resume`; each gets its data card."""
+    out = []
+    for run in runs:
+        card = _data_card(run, cfg, stage)
+        path = write_data_card(card, run.workdir)
+        out.append({"domain": run.domain.name, "stopped_after": stage,
+                    "workdir": str(run.workdir), "data_card": str(path),
+                    "on_domain_rate": card["on_domain_rate"],
+                    "fragment_rate": card["fragment_rate"], "stages": card["stages"]})
+    return out
 
 
 def rebuild_router_index(experts_dir: Path) -> None:
@@ -157,29 +201,35 @@ def prepare_run(domain: Domain, workdir: Path, cfg: SpecializeConfig, resume: bo
     return run
 
 
-def _generate_data(run: DomainRun, cfg: SpecializeConfig, generator: Generator) -> None:
-    write_instructions(run, cfg, generator)
+def _generate_data(run: DomainRun, cfg: SpecializeConfig, generator: Generator,
+                   last: str = "filter_responses") -> None:
+    write_instructions(run, cfg, generator, through=last)
+    if last in ("generate", "filter"):
+        return
     if not run.done("respond"):
         t = time.time()
         res = generate_responses(run.domain, cfg.respond, generator, run.workdir,
                                  retriever_for(run.domain, cfg))
         run.finish("respond", res, time.time() - t)
-    filter_answers(run, cfg)
+    if last != "respond":
+        filter_answers(run, cfg)
 
 
 def write_instructions(run: DomainRun, cfg: SpecializeConfig,
-                       generator: Generator | None) -> None:
-    """Stages 1-2: generate, then filter. `generator` is only used (and may be None) when
-    generation is already done."""
+                       generator: Generator | None, through: str = "filter") -> None:
+    """Stages 1-2: generate, then filter (unless `through` is "generate"). `generator` may be
+    None only when both are done or the filter's perplexity check is off."""
     d, wd = run.domain, run.workdir
     if not run.done("generate"):
         t = time.time()
-        res = generate_instructions(d, cfg.generate, build_filter(d, cfg.filter), generator, wd,
-                                    cfg.engine.seed)
+        res = generate_instructions(d, cfg.generate, build_filter(d, cfg.filter, generator),
+                                    generator, wd, cfg.engine.seed)
         run.finish("generate", res, time.time() - t)
+    if through == "generate":
+        return
     if not run.done("filter"):
         t = time.time()
-        res = filter_instructions(d, cfg.filter, cfg.generate.num_instructions, wd)
+        res = filter_instructions(d, cfg.filter, cfg.generate.num_instructions, wd, generator)
         if res["kept"] == 0:
             raise ConfigError(f"{d.name}: the base model wrote no usable instruction in "
                               f"{res['candidates']} candidates; see {wd}/filter/rejected.jsonl")

@@ -73,8 +73,9 @@ def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: 
         shutil.copy2(train_file, staging / "data" / "train.jsonl")
         for f in ("loss.json", "loss.png"):
             shutil.copy2(train_dir / f, staging / f)
-        if (workdir / "summary.json").exists():
-            shutil.copy2(workdir / "summary.json", staging / "summary.json")
+        for f in ("summary.json", "data_card.json", "data_card.md"):
+            if (workdir / f).exists():
+                shutil.copy2(workdir / f, staging / f)
         write_json(staging / "config.json", resolved_config)
 
         kept = [r["instruction"] for r in read_jsonl(workdir / "filter" / "kept.jsonl")]

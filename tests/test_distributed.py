@@ -56,9 +56,11 @@ def no_ray(monkeypatch):
 
 
 def cfg_for(tmp_path, base, **over):
+    # The fake's "Explain t1w0 ... clearly" is no real task: the meaning filters stay off.
     return build_config(base_model=str(base), experts_dir=tmp_path / "experts",
                         respond={"retrieval": "none", "batch_size": 3},
-                        generate={"num_instructions": 10, "prompts_per_batch": 2}, **over)
+                        generate={"num_instructions": 10, "prompts_per_batch": 2},
+                        filter={"wellformed": False, "relevance": False}, **over)
 
 
 # --- settings ------------------------------------------------------------------------------

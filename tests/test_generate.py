@@ -13,6 +13,11 @@ from specialize.seeds import load_domain
 from tests.conftest import FakeGenerator, write_domain
 
 
+# The rule filters only: the fake's "Explain t1w0 ... clearly" is no real task, and it has no
+# engine for the perplexity check (those filters have their own tests in test_quality.py).
+RULES = FilterConfig(wellformed=False, relevance=False, max_perplexity_ratio=None)
+
+
 @pytest.fixture
 def domain(tmp_path):
     write_domain(tmp_path / "seeds")
@@ -22,12 +27,12 @@ def domain(tmp_path):
 def test_generates_until_target_kept(tmp_path, domain):
     cfg = GenerateConfig(num_instructions=10, prompts_per_batch=2)
     gen = FakeGenerator()
-    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    res = generate_instructions(domain, cfg, build_filter(domain, RULES), gen, tmp_path)
     assert res["stopped"] == "target" and res["kept"] >= 10
     sampling = gen.calls[0][1]
     assert (sampling.temperature, sampling.top_p) == (1.0, 0.98)
     assert sampling.regex and sampling.regex.startswith(" ")  # guided list format
-    summary = filter_instructions(domain, FilterConfig(), 10, tmp_path)
+    summary = filter_instructions(domain, RULES, 10, tmp_path)
     assert summary["kept"] == 10
     assert len(read_jsonl(tmp_path / "filter" / "kept.jsonl")) == 10
 
@@ -39,7 +44,7 @@ def test_patience_stops_a_model_that_only_repeats(tmp_path, domain):
             return super().complete(prompts, sampling, adapter)
 
     cfg = GenerateConfig(num_instructions=100, prompts_per_batch=1, patience=2)
-    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), Repeater(),
+    res = generate_instructions(domain, cfg, build_filter(domain, RULES), Repeater(),
                                 tmp_path)
     assert res["stopped"] == "patience" and res["kept"] == 3 and res["batches"] == 3
 
@@ -47,25 +52,25 @@ def test_patience_stops_a_model_that_only_repeats(tmp_path, domain):
 def test_resume_after_torn_write_continues_without_duplicates(tmp_path, domain):
     cfg = GenerateConfig(num_instructions=6, prompts_per_batch=1)
     gen = FakeGenerator()
-    generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    generate_instructions(domain, cfg, build_filter(domain, RULES), gen, tmp_path)
     path = tmp_path / "generate" / "instructions.jsonl"
     first = read_jsonl(path)
     with open(path, "a") as f:
         f.write('{"id": "torn", "instr')  # a kill in the middle of a write
     cfg2 = GenerateConfig(num_instructions=12, prompts_per_batch=1)
-    generate_instructions(domain, cfg2, build_filter(domain, FilterConfig()), gen, tmp_path)
+    generate_instructions(domain, cfg2, build_filter(domain, RULES), gen, tmp_path)
     rows = read_jsonl(path)
     assert rows[:len(first)] == first
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) and "torn" not in ids
-    assert filter_instructions(domain, FilterConfig(), 12, tmp_path)["kept"] == 12
+    assert filter_instructions(domain, RULES, 12, tmp_path)["kept"] == 12
 
 
 def test_responses_resume_skips_answered(tmp_path, domain):
     gen = FakeGenerator()
     generate_instructions(domain, GenerateConfig(num_instructions=6, prompts_per_batch=1),
-                          build_filter(domain, FilterConfig()), gen, tmp_path)
-    filter_instructions(domain, FilterConfig(), 6, tmp_path)
+                          build_filter(domain, RULES), gen, tmp_path)
+    filter_instructions(domain, RULES, 6, tmp_path)
     kept = read_jsonl(tmp_path / "filter" / "kept.jsonl")
     append_jsonl(tmp_path / "respond" / "responses.jsonl",
                  [{**kept[0], "response": "done before", "finish_reason": "stop", "passages": []}])
@@ -100,7 +105,7 @@ def test_passage_focus_puts_a_corpus_passage_in_every_prompt(tmp_path):
     domain = _demo_with_corpus(tmp_path)
     gen = PromptRecorder()
     cfg = GenerateConfig(num_instructions=4, prompts_per_batch=3, focus="passage")
-    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    res = generate_instructions(domain, cfg, build_filter(domain, RULES), gen, tmp_path)
     assert res["focus"] == "passage"
     prompts = gen.prompts
     assert prompts and all("Core ideas: The zebra principle" in p for p in prompts)
@@ -110,7 +115,7 @@ def test_passage_focus_puts_a_corpus_passage_in_every_prompt(tmp_path):
 def test_passage_focus_without_a_corpus_uses_the_description_subtopics(tmp_path, domain):
     gen = PromptRecorder()
     cfg = GenerateConfig(num_instructions=4, prompts_per_batch=2, focus="passage")
-    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    res = generate_instructions(domain, cfg, build_filter(domain, RULES), gen, tmp_path)
     assert res["focus"] == "subtopic"
     # write_domain's description "The demo domain: core ideas explained ..." lists one subtopic
     # after its colon, too few to split: the whole description is the one subtopic.
@@ -121,7 +126,7 @@ def test_chat_format_wraps_the_request_and_opens_the_next_item(tmp_path, domain)
     gen = PromptRecorder()
     cfg = GenerateConfig(num_instructions=6, prompts_per_batch=2, prompt_format="chat",
                          temperature=0.7)
-    res = generate_instructions(domain, cfg, build_filter(domain, FilterConfig()), gen, tmp_path)
+    res = generate_instructions(domain, cfg, build_filter(domain, RULES), gen, tmp_path)
     assert res["stopped"] == "target" and res["focus"] == "none"
     for p in gen.prompts:
         assert p.startswith("<user>You are asked to come up with")
