@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from specialize.config import STAGES
 from specialize.console import catch_interrupts, console, interrupt_line, route_output
 from specialize.errors import SelfspecError
 from specialize.precision import DTYPES
@@ -61,6 +62,9 @@ def _specialize_parser(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run")
     g.add_argument("--restart", action="store_true", help="discard an interrupted run")
+    p.add_argument("--stop-after", choices=STAGES, default=None, metavar="STAGE",
+                   help=f"stop after this stage ({', '.join(STAGES)}): the work dir stays for "
+                   "--resume and gets a data card (data_card.md) to preview the data")
     p.add_argument("--publish-each", action="store_true",
                    help="publish each domain as soon as it is ready (one engine start per "
                    "domain) instead of all at the end; `selfspec up` does this so that a "
@@ -113,6 +117,8 @@ def _run_specialize(args) -> int:
     if ray_flags and not args.ray_address:
         raise ConfigError(f"{', '.join(ray_flags)} only apply to a run on Ray: add "
                           "--ray-address auto|local|ADDR")
+    if args.stop_after and args.ray_address:
+        raise ConfigError("--stop-after previews one machine's run: drop --ray-address")
     failed: dict[str, str] = {}
     try:
         if args.ray_address:
@@ -131,6 +137,12 @@ def _run_specialize(args) -> int:
         console.end_status()
         console.say(interrupt_line())
         return 130
+    if args.stop_after:
+        for r in results:
+            print(f"{r['domain']}: stopped after {r['stopped_after']}; data card: "
+                  f"{r['data_card']}")
+        print("continue with the same command without --stop-after, plus --resume")
+        return 0
     if results:
         print()
         print(format_summary(results))
@@ -155,10 +167,13 @@ def _specialize_locally(domains: list[str], cfg, args) -> list[dict]:
         f"interrupted: {kept_summary(cfg.experts_dir, domains)}; continue with: "
         f"{continue_command(argv)}")
     with ProgressMonitor(cfg.experts_dir, domains, console, rounds=cfg.rounds):
+        stop = getattr(args, "stop_after", None)
         if not args.publish_each:
-            return specialize(domains, cfg, resume=args.resume, restart=args.restart)
+            return specialize(domains, cfg, resume=args.resume, restart=args.restart,
+                              stop_after=stop)
         return [r for d in domains
-                for r in specialize([d], cfg, resume=args.resume, restart=args.restart)]
+                for r in specialize([d], cfg, resume=args.resume, restart=args.restart,
+                                    stop_after=stop)]
 
 
 def _generation_flags(args) -> dict:
