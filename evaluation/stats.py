@@ -1,7 +1,8 @@
 """Macro-F1 and bootstrap confidence intervals.
 
-With 66-81 items per domain a 95% interval on an accuracy is about +-0.1 wide, so a difference of
-a few points between two targets is noise; the intervals say so. Resampling is over items, with a
+With 150-170 items per domain a 95% interval on an accuracy near 0.5 is about +-0.08 wide (it was
++-0.11 with the first 66-81), so a difference of a few points between two targets is noise; the
+intervals say so. Resampling is over items, with a
 fixed seed (the same indices for every target, so reports are reproducible and comparable); a
 paired interval resamples the same items for both targets, which is what a difference needs.
 """
