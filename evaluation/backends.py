@@ -104,6 +104,7 @@ class DirectBackend:
         from specialize.engine import Adapter, VllmGenerator
 
         self.served = served
+        self.gains = {n: e.gain for n, e in registry.experts.items()}  # for `route`
         self.router = None
         if need_router:  # before the engine: a router problem should not cost an engine start
             from router.index import load_router
@@ -144,9 +145,16 @@ class DirectBackend:
 
     def route(self, users: list[str]) -> list[str | None]:
         # The server's chat path routes on the last user turn, then answers with the base model
-        # when the chosen expert is not served (serve/selection.py): the same here.
+        # when the chosen expert is not served, or (router.require_gain, the server's default)
+        # did not beat the base on its validation split (serve/selection.py): the same here.
+        from serve.config import RouterOptions
+        from specialize.registry import gain_refusal
+
+        rule = RouterOptions()
         choices = self.router.route_batch(users)
-        return [c.expert if c.expert in self.served.experts else None for c in choices]
+        return [c.expert if c.expert in self.served.experts and not gain_refusal(
+                    self.gains.get(c.expert), rule.require_gain, rule.gain_max_p) else None
+                for c in choices]
 
     def close(self) -> None:
         self.engine.close()

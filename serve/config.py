@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from specialize.config import VLLM_LORA_RANKS
 from specialize.errors import ConfigError
 from specialize.precision import Dtype
 
 API_KEY_ENV = "SELFSPEC_API_KEY"
+
+
+def _on_off(v):
+    # YAML 1.1 reads a bare `on`/`off` as true/false
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+RequireGain = Annotated[Literal["off", "on", "strict"], BeforeValidator(_on_off)]
 
 
 class _Config(BaseModel):
@@ -124,6 +140,15 @@ class RouterOptions(_Replicas):
     batch_wait_timeout_s: float = Field(0.0, ge=0)
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
+    # auto sends a query to an expert only if it beat the base model on its validation split
+    # (the registry entry's gain, specialize/gain.py); otherwise the base model answers.
+    # "on": a measured gain must be > 0, an unmeasured expert (an old registry, `experts add`)
+    # is trusted; "strict": unmeasured experts are not routed to either; "off": the router alone.
+    require_gain: RequireGain = "on"
+    # ...and its P(not better) at most this. 1.0: a positive difference is enough. On ~60
+    # validation items a real +0.05 gain has p ~0.2, so p <= 0.05 would turn away most experts
+    # that help; raise the bar here when the splits are larger.
+    gain_max_p: float = Field(1.0, gt=0, le=1)
 
 
 class IngressOptions(_Replicas):

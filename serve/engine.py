@@ -116,7 +116,9 @@ class EngineServer:
 
     def catalog(self) -> dict:
         experts = {name: {"lora_name": e.lora_name, "version": e.version,
-                          "description": e.description, "rank": e.lora.rank}
+                          "description": e.description, "rank": e.lora.rank,
+                          # expert - base on its validation split (None: not measured)
+                          "gain": e.gain.model_dump() if e.gain else None}
                    for name, e in sorted(self.loaded.items())}
         return {"base": {"aliases": self.plan.base_aliases, "path": str(self.plan.base_path),
                          "max_model_len": getattr(self.backend, "max_model_len", None)},

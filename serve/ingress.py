@@ -51,7 +51,7 @@ class Service:
     def __init__(self, engine: EngineClient, router: RouterClient, cfg: ServeConfig):
         self.engine, self.router, self.cfg = engine, router, cfg
         self.api_key = cfg.resolved_api_key()
-        self.selector = Selector(engine, router)
+        self.selector = Selector(engine, router, cfg.router.require_gain, cfg.router.gain_max_p)
         self.metrics = ServeMetrics()
 
     def authorize(self, raw: Request) -> None:
@@ -146,21 +146,25 @@ class Service:
         cat = await self.selector.get_catalog(fresh=True)
         base = cat["base"]
         cards = [ModelCard(id=AUTO, owned_by="selfspec", max_model_len=base["max_model_len"],
-                           description="the router picks the expert for each request"),
+                           description="the router picks the expert for each request",
+                           require_gain=self.cfg.router.require_gain,
+                           gain_max_p=self.cfg.router.gain_max_p),
                  ModelCard(id=BASE, owned_by="selfspec", root=base["path"],
                            max_model_len=base["max_model_len"], aliases=base["aliases"],
                            description="the base model, no adapter")]
         cards += [ModelCard(id=name, owned_by="selfspec", parent=BASE, root=e["lora_name"],
                             max_model_len=base["max_model_len"], description=e["description"],
-                            version=e["version"], lora_rank=e["rank"])
+                            version=e["version"], lora_rank=e["rank"],
+                            # expert - base on its validation split; None: not measured
+                            gain=e.get("gain"))
                   for name, e in cat["experts"].items()]
         out = ModelList(data=cards).model_dump()
         out["skipped"] = cat["skipped"]
+        out["building"] = self.building()
         return out
 
     async def health(self) -> JSONResponse:
         try:
-        out["building"] = self.building()
             cat = await self.selector.get_catalog(fresh=True)
             router = await self.router.info()
         except Exception as e:  # noqa: BLE001 - a health check reports, never raises

@@ -7,6 +7,11 @@
 
 The ingress keeps the engine's catalog (what it actually serves) and refreshes it when a name is
 unknown, so an expert hot-added a moment ago is found without waiting for a timer.
+
+With `router.require_gain` (serve/config.py), "auto" keeps the router's expert only if the registry
+says it beat the base model on its validation split (specialize/registry.py `gain_refusal`);
+otherwise the base model answers and x-selfspec-route-reason says why. x-selfspec-route-gain
+shows the considered (or forced) expert's measured gain.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 from serve.clients import EngineClient, RouterClient
 from serve.errors import InvalidRequestError, UnknownModelError
+from specialize.registry import GainInfo, gain_refusal
 
 AUTO, BASE = "auto", "base"
 CATALOG_TTL_S = 5.0
@@ -29,6 +35,7 @@ class Selection:
     score: float | None = None  # the router's score (routed only)
     reason: str = ""
     route_seconds: float = 0.0
+    gain: str = ""  # the expert's measured gain over the base model (see gain_text)
 
     @property
     def name(self) -> str:
@@ -41,12 +48,17 @@ class Selection:
         if self.reason:
             # Header values must be latin-1; reasons are ours (ASCII), keep them short.
             h["x-selfspec-route-reason"] = self.reason.encode("ascii", "replace").decode()[:200]
+        if self.gain:
+            h["x-selfspec-route-gain"] = self.gain
         return h
 
 
 class Selector:
-    def __init__(self, engine: EngineClient, router: RouterClient):
+    def __init__(self, engine: EngineClient, router: RouterClient, require_gain: str = "on",
+                 gain_max_p: float = 1.0):
         self.engine, self.router = engine, router
+        # serve.config.RouterOptions: auto answers with an expert only if it helps
+        self.require_gain, self.gain_max_p = require_gain, gain_max_p
         self.catalog: dict | None = None
         self.fetched = 0.0
         self._lock = asyncio.Lock()
@@ -71,10 +83,11 @@ class Selector:
         for fresh in (False, True):
             catalog = await self.get_catalog(fresh)
             if model in catalog["experts"]:
-                return Selection(model, "forced")
+                return Selection(model, "forced", gain=gain_text(model, catalog))
             by_version = {e["lora_name"]: n for n, e in catalog["experts"].items()}
             if model in by_version:
-                return Selection(by_version[model], "forced")
+                name = by_version[model]
+                return Selection(name, "forced", gain=gain_text(name, catalog))
             if model in catalog["base"]["aliases"]:
                 return Selection(None, "base")
         known = [AUTO, BASE, *catalog["experts"]]
@@ -106,4 +119,22 @@ class Selector:
             return Selection(None, "routed", choice.score,
                              f"router chose {choice.expert}, which is not served ({why[:80]}): "
                              "base model", took)
-        return Selection(choice.expert, "routed", choice.score, choice.reason, took)
+        gain = catalog["experts"][choice.expert].get("gain")
+        shown = gain_text(choice.expert, catalog)
+        why = gain_refusal(GainInfo(**gain) if gain else None, self.require_gain,
+                           self.gain_max_p)
+        if why:  # router.require_gain: an expert that does not help leaves it to the base
+            return Selection(None, "routed", choice.score,
+                             f"router chose {choice.expert}, but {why}: base model", took, shown)
+        return Selection(choice.expert, "routed", choice.score, choice.reason, took, shown)
+
+
+def gain_text(name: str, catalog: dict) -> str:
+    """The x-selfspec-route-gain header: "law diff=+0.062 ci=-0.010..+0.130 p=0.04 n=60" (expert
+    - base on its validation split), or "law unmeasured"."""
+    g = catalog["experts"].get(name, {}).get("gain")
+    if not g:
+        return f"{name} unmeasured"
+    lo, hi = g["ci"]
+    return f"{name} diff={g['diff']:+.3f} ci={lo:+.3f}..{hi:+.3f} p={g['p_not_better']:.2f} " \
+           f"n={g['n']}"
