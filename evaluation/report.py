@@ -182,6 +182,16 @@ def _diff(c: dict) -> str:
     return f"{c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def precision_note(base_model: dict) -> str:
+    """", dtype float32 (CPU isa avx512f)": what the engine computed in, as the report recorded
+    it (empty for reports written before it was recorded)."""
+    p = base_model.get("precision") or {}
+    if not p.get("dtype"):
+        return ""
+    where = "GPU" if p.get("gpu") else f"CPU isa {(p.get('cpu') or {}).get('isa', '?')}"
+    return f", dtype {p['dtype']} ({where})"
+
+
 def _diff_table(comp: dict, what: str) -> list[str]:
     if not (comp["expert_vs_base"] or comp["auto_vs_base"]):
         return []
@@ -200,6 +210,8 @@ def format_table(report: dict) -> str:
     lines = [(f"Headline {report['settings']['headline']}; 95% bootstrap intervals in brackets "
              f"({report['settings']['bootstrap']['resamples']} resamples over items). "
              "**Bold**: an expert on its own domain."), ""]
+    if note := precision_note(report["base_model"]):
+        lines[0:0] = [f"Base model `{report['base_model'].get('spec')}`{note}.", ""]
     lines += ["| target | " + " | ".join(f"{c} (n={res[report['targets'][0]][c]['n']})"
                                          for c in cols) + " |",
               "|---|" + "---|" * len(cols)]

@@ -42,11 +42,13 @@ def _comparisons(comp: dict) -> list[str]:
 
 
 def eval_section(r: dict, assets: str) -> list[str]:
+    from evaluation.report import precision_note
+
     cols = r["columns"]
     m = r["machine"]
     out = [f"### Experts vs base (`selfspec eval`, {r['created'][:10]})", "",
-           f"Base model `{r['base_model']['spec']}`, registry revision "
-           f"{r['registry']['revision']}, {r['backend']['kind']} backend; "
+           f"Base model `{r['base_model']['spec']}`{precision_note(r['base_model'])}, registry "
+           f"revision {r['registry']['revision']}, {r['backend']['kind']} backend; "
            f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}). Headline "
            f"{r['settings']['headline'].removeprefix('score: ')}. Brackets: 95% bootstrap interval "
            f"({r['settings']['bootstrap']['resamples']} resamples).", "",

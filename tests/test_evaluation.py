@@ -430,3 +430,13 @@ def test_lm_eval_task_yaml_loads_and_matches_the_eval_set(monkeypatch):
         assert task.doc_to_text(doc) == user_text(it)
         assert task.doc_to_choice(doc)[task.doc_to_target(doc)] == \
             it.options[ord(it.answer) - 65]
+
+
+def test_precision_note_names_the_dtype_and_the_cpu_isa():
+    from evaluation.report import precision_note
+
+    cpu = {"base_model": {"spec": "m", "precision": {"dtype": "float32", "gpu": False,
+                                                      "cpu": {"isa": "avx512f"}}}}
+    assert precision_note(cpu["base_model"]) == ", dtype float32 (CPU isa avx512f)"
+    assert precision_note({"precision": {"dtype": "auto", "gpu": True}}) == ", dtype auto (GPU)"
+    assert precision_note({"spec": "m"}) == ""  # a report from before precision was recorded
