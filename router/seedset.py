@@ -1,7 +1,13 @@
 """The shipped seeds as router inputs: exemplars per domain, a registry built from them, and the
 routing evaluation sets. Used by tests, the bench (before any expert is specialized) and anyone
 trying the router on the seeds alone. The routing sets are evaluation data: nothing here feeds
-them into calibration.
+them into calibration or into an index.
+
+Two kinds of routing set ship in seeds/:
+  seeds/<domain>/routing.jsonl, seeds/routing_none.jsonl   short, mostly exam-style queries;
+  seeds/routing_user_dev.jsonl, seeds/routing_user_test.jsonl   the user-style set: queries as
+      people ask them, each tagged with one of STYLES. Dev chooses the router's settings, test
+      reports them (router/NOTES.md).
 """
 
 from __future__ import annotations
@@ -10,6 +16,11 @@ from pathlib import Path
 
 from specialize.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 from specialize.seeds import RoutingItem, available_domains, load_domain, load_jsonl, seeds_root
+
+# How users ask (issue 17): a long story ending in the question, lay wording, two or three bare
+# keywords, an exam-style question, a task ("draft a clause that ...").
+STYLES = ("story", "lay", "keywords", "exam", "task")
+USER_SPLITS = ("dev", "test")
 
 
 def seed_exemplars(root: Path | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -46,6 +57,14 @@ def routing_files(root: Path | None = None) -> list[Path]:
     if (root / "routing_none.jsonl").is_file():
         files.append(root / "routing_none.jsonl")
     return files
+
+
+def user_routing_files(split: str, root: Path | None = None) -> list[Path]:
+    """seeds/routing_user_<split>.jsonl ("dev" or "test"): the user-style set's halves."""
+    if split not in USER_SPLITS:
+        raise ValueError(f"split {split!r}: one of {', '.join(USER_SPLITS)}")
+    path = (root or seeds_root()) / f"routing_user_{split}.jsonl"
+    return [path] if path.is_file() else []
 
 
 def load_routing(paths: list[Path]) -> list[RoutingItem]:

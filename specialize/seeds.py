@@ -83,6 +83,7 @@ class RoutingItem(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     query: str = Field(min_length=1)
     domain: str
+    style: str | None = None  # user-style sets: story, lay, keywords, exam or task
 
 
 class Domain(BaseModel):
@@ -112,7 +113,7 @@ _FORMATS = {
     "seed file": "fields: domain, description, seeds: [{instruction, input?, output}]",
     "EvalItem": "fields: id, type (multiple_choice|yes_no|short_answer|classification), question, "
                 "answer, and options / labels / aliases by type",
-    "RoutingItem": "fields: query, domain",
+    "RoutingItem": "fields: query, domain, style?",
 }
 
 
