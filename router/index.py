@@ -3,6 +3,7 @@
     <experts_dir>/router/meta.json          encoder name + dim, registry revision + fingerprint,
                                             experts, thresholds, scoring and calibration numbers
     <experts_dir>/router/index-<build>.faiss  the vectors, labelled with expert numbers
+    <experts_dir>/router/offtopic-<build>.npy the off-topic text's vectors (router/offtopic.py)
 
 meta.json is replaced atomically and names its index file, so a reader sees one whole build or
 the previous one; builds are serialized by `router/.lock` (our own lock: publishing may call
@@ -23,6 +24,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from router.encoder import Encoder, canonical_name, load_encoder
 from router.route import Router
 from router.types import RouterError, ScoringConfig
@@ -31,7 +34,7 @@ from specialize.registry import Registry, atomic_write_text, load_registry, utcn
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: off-topic vectors beside the index (issue 17)
 ROUTER_DIR = "router"
 META_FILE = "meta.json"
 
@@ -54,9 +57,12 @@ def read_meta(experts_dir: str | os.PathLike) -> dict | None:
 
 def fingerprint(registry: Registry) -> str:
     """What the index depends on; catches a hand-edited registry whose revision did not move."""
+    from router.offtopic import OFF_TOPIC
+
     parts = [(n, e.version, e.description, e.exemplars)
              for n, e in sorted(registry.experts.items())]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    # the off-topic text is indexed too: editing it must rebuild the index
+    return hashlib.sha256(json.dumps([parts, OFF_TOPIC]).encode()).hexdigest()[:16]
 
 
 def ensure_index(experts_dir: str | os.PathLike, encoder: Encoder | str | None = None,
@@ -89,12 +95,14 @@ def load_router(experts_dir: str | os.PathLike, encoder: Encoder | str | None = 
             break
         try:
             index = read_index(folder / meta["index_file"])
+            offtopic = np.load(folder / meta["offtopic_file"]) if meta.get("offtopic_file") \
+                else None
         except (FileNotFoundError, RuntimeError):
             continue
         enc = load_encoder(encoder if encoder is not None else meta["encoder"]["name"])
         cfg = ScoringConfig(**meta["scoring"])
         thr = [meta["thresholds"][n] for n in meta["experts"]]
-        return Router(enc, index, meta["experts"], thr, cfg, _info(meta, experts_dir))
+        return Router(enc, index, meta["experts"], thr, cfg, _info(meta, experts_dir), offtopic)
     raise RouterError(f"cannot read the router index in {folder}: delete the folder and retry")
 
 
@@ -156,6 +164,8 @@ def _stale_reason(meta: dict | None, registry: Registry, folder: Path, encoder) 
             return "registry content changed without a new revision"
         if not (folder / meta["index_file"]).is_file():
             return "index file missing"
+        if meta.get("offtopic_file") and not (folder / meta["offtopic_file"]).is_file():
+            return "off-topic vectors missing"
     except (KeyError, TypeError, ValueError) as e:
         return f"meta.json incomplete ({e!r})"
     return None
@@ -176,6 +186,13 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
     tmp = folder / f".{index_file}.tmp"
     write_index(router.index, tmp)
     os.replace(tmp, folder / index_file)
+    offtopic_file = None
+    if router.offtopic is not None:
+        offtopic_file = f"offtopic-{build}.npy"
+        tmp = folder / f".{offtopic_file}.tmp"
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the name
+            np.save(f, router.offtopic)
+        os.replace(tmp, folder / offtopic_file)
     meta = {
         "format_version": INDEX_FORMAT,
         "encoder": {"name": router.encoder.name, "dim": router.encoder.dim},
@@ -184,6 +201,8 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
         "experts": router.names,
         "expert_versions": {n: registry.experts[n].version for n in router.names},
         "index_file": index_file,
+        "offtopic_file": offtopic_file,
+        "offtopic": router.info.get("offtopic"),
         "index_kind": index_kind(router.index),
         "hnsw_min_vectors": HNSW_MIN_VECTORS,
         "n_vectors": int(router.index.ntotal),
@@ -194,8 +213,8 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
         "built": utcnow().isoformat(),
     }
     atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
-    for old in folder.glob("index-*.faiss"):
-        if old.name != index_file:
+    for old in [*folder.glob("index-*.faiss"), *folder.glob("offtopic-*.npy")]:
+        if old.name not in (index_file, offtopic_file):
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
     router.info.update(_info(meta, experts_dir))
@@ -204,7 +223,8 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
 def _info(meta: dict, experts_dir: Path) -> dict:
     return {"experts_dir": str(experts_dir), "registry_revision": meta["registry_revision"],
             "n_vectors": meta["n_vectors"], "calibration": meta.get("calibration"),
-            "cv_top1": meta.get("cv_top1"), "encoder": meta["encoder"]["name"]}
+            "cv_top1": meta.get("cv_top1"), "encoder": meta["encoder"]["name"],
+            "offtopic": meta.get("offtopic")}
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import numpy as np
 
 from router.calibrate import calibrate
 from router.encoder import Encoder, load_encoder
-from router.scoring import centroids, decide, expert_scores, search_k
+from router.scoring import centroids, decide, expert_scores, offtopic_scores, search_k
 from router.types import RouteChoice, RouterError, ScoringConfig
 from router.vectors import build_faiss_index, index_contents, index_kind, search
 
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class Router:
     def __init__(self, encoder: Encoder, index, names: list[str], thresholds: Sequence[float],
-                 cfg: ScoringConfig | None = None, info: dict | None = None):
+                 cfg: ScoringConfig | None = None, info: dict | None = None,
+                 offtopic: np.ndarray | None = None):
         if not names:
             raise RouterError("a router needs at least one expert")
         if index.d != encoder.dim:
@@ -40,6 +41,9 @@ class Router:
         self.k = search_k(index.ntotal)
         self.kind = index_kind(index)
         self.info = info or {}
+        # (n, dim) vectors of generic off-topic text: the contrast in scoring.decide (None: off)
+        self.offtopic = None if offtopic is None else \
+            np.ascontiguousarray(offtopic, dtype=np.float32).reshape(-1, encoder.dim)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -48,9 +52,13 @@ class Router:
                        descriptions: Mapping[str, str] | None = None,
                        cfg: ScoringConfig | None = None,
                        thresholds: Mapping[str, float] | None = None,
-                       kind: str = "auto") -> Router:
+                       kind: str = "auto", offtopic: Sequence[str] | None = None) -> Router:
         """Embed, index and calibrate in memory (router.index saves what this builds).
-        kind: "auto" (exact below vectors.HNSW_MIN_VECTORS, HNSW above), "flat" or "hnsw"."""
+        kind: "auto" (exact below vectors.HNSW_MIN_VECTORS, HNSW above), "flat" or "hnsw".
+        offtopic: generic text for the contrast (None: router/offtopic.py; () or a
+        cfg.offtopic_margin of None: no contrast, thresholds alone)."""
+        from router.offtopic import OFF_TOPIC
+
         encoder = load_encoder(encoder)
         cfg = cfg or ScoringConfig()
         names = sorted(exemplars)
@@ -68,12 +76,23 @@ class Router:
                 texts.append(desc)
                 holdable.append(False)
             ids += [e] * (len(texts) - len(ids))
-        vectors = encoder.encode(texts)
-        if vectors.shape != (len(texts), encoder.dim) or not np.isfinite(vectors).all():
-            raise RouterError(f"encoder {encoder.name} returned {vectors.shape} vectors for "
-                              f"{len(texts)} texts (dim {encoder.dim}), or non-finite values")
+        if cfg.offtopic_margin is None:
+            offtopic = ()
+        generic = list(dict.fromkeys(t.strip() for t in (OFF_TOPIC if offtopic is None
+                                                         else offtopic) if t and t.strip()))
+        everything = encoder.encode(texts + generic)  # one call: batches fill better
+        if everything.shape != (len(texts) + len(generic), encoder.dim) or \
+                not np.isfinite(everything).all():
+            raise RouterError(f"encoder {encoder.name} returned {everything.shape} vectors for "
+                              f"{len(texts) + len(generic)} texts (dim {encoder.dim}), or "
+                              "non-finite values")
+        vectors, generic_vecs = everything[:len(texts)], everything[len(texts):]
         ids_arr = np.asarray(ids, dtype=np.int64)
         info: dict = {"n_vectors": len(texts)}
+        kept = _offtopic_kept(generic_vecs, vectors, ids_arr, len(names), cfg)
+        if generic:
+            info["offtopic"] = {"kept": int(kept.sum()),
+                                "dropped": [t for t, k in zip(generic, kept) if not k]}
         if thresholds is None:
             cal = calibrate(vectors, ids_arr, np.asarray(holdable), len(names), cfg)
             thr = cal.thresholds
@@ -85,7 +104,8 @@ class Router:
             thr = np.array([thresholds[n] for n in names])
             info["calibration"] = "given"
         index = build_faiss_index(vectors, ids_arr, kind)
-        return cls(encoder, index, names, thr, cfg, info)
+        return cls(encoder, index, names, thr, cfg, info,
+                   generic_vecs[kept] if generic else None)
 
     @classmethod
     def load(cls, experts_dir: str | os.PathLike, encoder: Encoder | str | None = None,
@@ -123,7 +143,14 @@ class Router:
 
     def score_vectors(self, vectors: np.ndarray) -> list[RouteChoice]:
         """Encoded queries -> choices (the bench times this apart from the encoder)."""
-        return decide(self.expert_scores(vectors), self.names, self.thresholds)
+        return decide(self.expert_scores(vectors), self.names, self.thresholds,
+                      offtopic=self.offtopic_scores(vectors), cfg=self.cfg)
+
+    def offtopic_scores(self, vectors: np.ndarray) -> np.ndarray | None:
+        """(B,) each query's score against the off-topic text; None when the contrast is off."""
+        if self.offtopic is None or self.cfg.offtopic_margin is None:
+            return None
+        return offtopic_scores(vectors, self.offtopic, self.cfg.top_k)
 
     def expert_scores(self, vectors: np.ndarray) -> np.ndarray:
         sims, ids = search(self.index, vectors, self.k)
@@ -139,5 +166,25 @@ class Router:
 
     def describe(self) -> str:
         thr = ", ".join(f"{n} {t:.3f}" for n, t in zip(self.names, self.thresholds))
+        contrast = "no off-topic contrast" if self.offtopic is None or \
+            self.cfg.offtopic_margin is None else \
+            f"{len(self.offtopic)} off-topic vectors, margin {self.cfg.offtopic_margin:g}"
         return (f"{len(self.names)} experts, {self.index.ntotal} exemplar vectors "
-                f"({self.kind} index), encoder {self.encoder.name}; thresholds: {thr}")
+                f"({self.kind} index), encoder {self.encoder.name}; thresholds: {thr}; "
+                f"{contrast}")
+
+
+def _offtopic_kept(generic: np.ndarray, vectors: np.ndarray, ids: np.ndarray, n_experts: int,
+                   cfg: ScoringConfig) -> np.ndarray:
+    """Which off-topic vectors to keep: not those as near one expert's exemplars as that
+    expert's own text is (a new cooking expert must not be contrasted with recipes)."""
+    keep = np.ones(len(generic), dtype=bool)
+    if len(generic) == 0:
+        return keep
+    sims = generic @ vectors.T
+    for e in range(n_experts):
+        own = sims[:, ids == e]
+        k = min(cfg.top_k, own.shape[1])
+        if k:
+            keep &= np.sort(own, axis=1)[:, -k:].mean(axis=1) < cfg.offtopic_drop_similarity
+    return keep

@@ -7,6 +7,10 @@ score_e = (1 - w) * mean of the query's top-k similarities among e's exemplars
 The kNN half follows domains with several clusters (math has arithmetic, proofs and statistics);
 the centroid half is robust to a stray generated exemplar and to ambiguous single neighbours.
 k=2, w=0.5 won 5-fold cross-validation on the seed exemplars (NOTES.md: 94.6% vs 90.3% for max).
+
+The decision contrasts the best expert with generic off-topic text scored the same way (its
+top-k mean): user questions score lower than seed-like text on every expert, off-topic ones
+included, so a per-query comparison holds where one absolute threshold per expert does not.
 """
 
 from __future__ import annotations
@@ -51,25 +55,58 @@ def expert_scores(sims: np.ndarray, ids: np.ndarray, centroid_sims: np.ndarray,
     return (1.0 - w) * knn + w * centroid_sims
 
 
-def decide(scores: np.ndarray, names: list[str], thresholds: np.ndarray,
-           offset: float = 0.0) -> list[RouteChoice]:
-    """Argmax expert if its score clears its own threshold (+ offset, for the sweep), else base.
+def offtopic_scores(queries: np.ndarray, offtopic: np.ndarray, top_k: int) -> np.ndarray:
+    """(B,) mean of each query's top_k similarities among the off-topic vectors (brute force:
+    ~100 vectors, 0.01 ms a query), scored like an expert's kNN half."""
+    if len(offtopic) == 0:
+        return np.full(len(queries), -np.inf)
+    sims = queries @ offtopic.T
+    k = min(top_k, offtopic.shape[0])
+    return np.sort(sims, axis=1)[:, -k:].mean(axis=1).astype(np.float64)
 
-    The argmax is taken before thresholds: a query closest to law but under law's threshold goes
-    to the base model, not to a farther expert whose lower threshold it happens to clear.
+
+def bars(scores: np.ndarray, thresholds: np.ndarray, offtopic: np.ndarray | None,
+         cfg: ScoringConfig) -> np.ndarray:
+    """(B,) the score each query's argmax expert must reach to be chosen.
+
+    Without the off-topic contrast: that expert's calibrated threshold. With it: the off-topic
+    score minus cfg.offtopic_margin, floored at cfg.threshold_floor x the threshold."""
+    thr = thresholds[np.argmax(scores, axis=1)] if len(scores) else np.zeros(0)
+    if offtopic is None or cfg.offtopic_margin is None:
+        return thr.astype(np.float64)
+    return np.maximum(cfg.threshold_floor * thr, offtopic - cfg.offtopic_margin)
+
+
+def decide(scores: np.ndarray, names: list[str], thresholds: np.ndarray,
+           offset: float = 0.0, offtopic: np.ndarray | None = None,
+           cfg: ScoringConfig | None = None) -> list[RouteChoice]:
+    """Argmax expert if its score clears its bar (+ offset, for the sweep), else base.
+
+    The bar is the expert's own threshold, or with `offtopic` scores (one per query) the
+    off-topic contrast of `bars`. The argmax is taken first: a query closest to law but under
+    law's bar goes to the base model, not to a farther expert that happens to clear its own.
     """
+    cfg = cfg or ScoringConfig()
+    contrast = offtopic is not None and cfg.offtopic_margin is not None
+    limits = bars(scores, thresholds, offtopic, cfg) + offset
     out = []
-    for row in scores:
+    for i, row in enumerate(scores):
         best = int(np.argmax(row))
-        score, thr = float(row[best]), float(thresholds[best]) + offset
+        name, score, bar = names[best], float(row[best]), float(limits[i])
         by_expert = {n: float(s) for n, s in zip(names, row)}
-        if score >= thr:
-            out.append(RouteChoice(names[best], score, by_expert, thr,
-                                   f"{names[best]} scored {score:.3f} >= its threshold {thr:.3f}"))
+        off = float(offtopic[i]) if contrast else None
+        if contrast:
+            why = (f"bar {bar:.3f}: the larger of off-topic {off:.3f} - {cfg.offtopic_margin:g} "
+                   f"and {cfg.threshold_floor:g} x threshold {float(thresholds[best]):.3f}")
         else:
-            out.append(RouteChoice(None, score, by_expert, thr,
-                                   f"best expert {names[best]} scored {score:.3f} < its "
-                                   f"threshold {thr:.3f}: base model"))
+            why = f"its threshold {bar:.3f}"
+        if score >= bar:
+            out.append(RouteChoice(name, score, by_expert, bar,
+                                   f"{name} scored {score:.3f} >= {why}", off))
+        else:
+            out.append(RouteChoice(None, score, by_expert, bar,
+                                   f"best expert {name} scored {score:.3f} < {why}: base model",
+                                   off))
     return out
 
 

@@ -16,6 +16,7 @@ import router.index as index_mod
 from router.baseline import TfidfCentroid
 from router.evaluate import evaluate, summarize
 from router.index import ensure_index, load_router, read_meta
+from router.offtopic import OFF_TOPIC
 from router.route import Router
 from router.scoring import decide, expert_scores
 from router.types import RouteChoice, RouterError, ScoringConfig
@@ -80,7 +81,8 @@ def test_score_is_top2_mean_plus_centroid_cosine():
     table = {"l1": [1, 0, 0], "l2": [c30, s30, 0], "l3": [s30, c30, 0], "m1": [0, 0, 1],
              "m2": [0, s30, c30], "q": [1, 0, 0]}
     r = Router.from_exemplars({"law": ["l1", "l2", "l3"], "math": ["m1", "m2"]},
-                              FakeEncoder(dim=3, table=table), thresholds={"law": 0.5, "math": 0.5})
+                              FakeEncoder(dim=3, table=table), thresholds={"law": 0.5, "math": 0.5},
+                              offtopic=())  # thresholds alone: the bar is law's threshold
     law_centroid = np.array([1 + c30 + s30, s30 + c30, 0])
     law_cos = law_centroid[0] / np.linalg.norm(law_centroid)
     math_centroid = np.array([0, s30, 1 + c30])
@@ -219,7 +221,10 @@ def test_index_is_built_once_and_reused(tmp_path, fake_st):
     meta = read_meta(tmp_path)
     assert meta["encoder"] == {"name": "all-MiniLM-L6-v2", "dim": 8}
     assert meta["registry_revision"] == 1 and meta["experts"] == ["law", "math"]
-    assert sorted(p.name for p in folder.iterdir()) == [".lock", meta["index_file"], "meta.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock", meta["index_file"], "meta.json", meta["offtopic_file"]]
+    assert meta["offtopic_file"].startswith("offtopic-r1-")
+    assert meta["offtopic"]["kept"] + len(meta["offtopic"]["dropped"]) == len(OFF_TOPIC)
     assert len(fake_st) == 1
     assert ensure_index(tmp_path) == folder and len(fake_st) == 1  # fresh: no encoder built
     assert read_meta(tmp_path)["index_file"] == meta["index_file"]
@@ -234,6 +239,7 @@ def test_new_revision_or_hand_edit_rebuilds(tmp_path, fake_st):
     meta = read_meta(tmp_path)
     assert meta["registry_revision"] == 2 and r.names == ["law"]
     assert not (tmp_path / "router" / first).exists()  # old build cleaned up
+    assert len(list((tmp_path / "router").glob("offtopic-*.npy"))) == 1
     write_reg(tmp_path, two_experts(), revision=2)  # edited by hand, revision unchanged
     assert load_router(tmp_path).names == ["law", "math"]
 
