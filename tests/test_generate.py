@@ -12,7 +12,6 @@ from specialize.respond import generate_responses
 from specialize.seeds import load_domain
 from tests.conftest import FakeGenerator, write_domain
 
-
 # The rule filters only: the fake's "Explain t1w0 ... clearly" is no real task, and it has no
 # engine for the perplexity check (those filters have their own tests in test_quality.py).
 RULES = FilterConfig(wellformed=False, relevance=False, max_perplexity_ratio=None)
