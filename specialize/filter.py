@@ -180,6 +180,9 @@ def filter_instructions(domain: Domain, cfg: FilterConfig, target: int, workdir:
             rejected.append({**row, "reason": "surplus", "detail": f"target {target} reached"})
             continue
         verdict = filt.check(Task(row["instruction"], row.get("input", "")))
+        nll = filt.nll.get(task_text(row["instruction"], row.get("input", "")))
+        if nll is not None:  # the base model's mean token NLL, kept for the data's readers
+            row = {**row, "nll": round(nll, 3)}
         if verdict.reason is None:
             kept.append(row)
         else:
@@ -191,6 +194,9 @@ def filter_instructions(domain: Domain, cfg: FilterConfig, target: int, workdir:
     for r in rejected:
         counts[r["reason"]] = counts.get(r["reason"], 0) + 1
     summary = {"candidates": len(candidates), "kept": len(kept), "rejected": counts}
+    perplexity = None if filt.max_nll is None else {
+        "max_nll": round(filt.max_nll, 3),
+        "seeds_median_nll": round(filt.max_nll - math.log(cfg.max_perplexity_ratio), 3)}
     write_json(out / "config.json", {"filter": cfg.model_dump(mode="json"), "target": target,
-                                     "result": summary})
+                                     "perplexity": perplexity, "result": summary})
     return summary

@@ -23,6 +23,9 @@ def tiny_config(experts_dir: Path, base: Path, **over) -> object:
         "engine": {"max_model_len": 2048, "kv_cache_gib": 1},
         "generate": {"num_instructions": 8, "prompts_per_batch": 4, "max_tokens": 160,
                      "guided_items": 3},
+        # A random model writes noise that these rightly reject (see
+        # test_meaning_filters_reject_a_random_model_s_noise); the perplexity check stays on.
+        "filter": {"wellformed": False, "relevance": False},
         # Greedy, a random model loops on "\n" (rightly rejected as empty): sample instead.
         "respond": {"max_tokens": 24, "batch_size": 4, "top_k": 1, "temperature": 1.0},
         # A random model never stops by itself: keep its cut-off answers for the mechanics.
@@ -56,7 +59,8 @@ def test_pipeline_publishes_a_complete_expert(published, tiny_model):
     assert entry.lora.rank == 8 and "q_proj" in entry.lora.target_modules
     version = experts / entry.path
     assert sorted(p.name for p in version.iterdir()) == [
-        "adapter", "config.json", "data", "expert.json", "loss.json", "loss.png", "summary.json"]
+        "adapter", "config.json", "data", "data_card.json", "data_card.md", "expert.json",
+        "loss.json", "loss.png", "summary.json"]
     assert sorted(p.name for p in (version / "data").iterdir()) == [
         "generated.jsonl", "kept_instructions.jsonl", "rejected_instructions.jsonl",
         "rejected_responses.jsonl", "rejected_responses_round2.jsonl", "responses.jsonl",
@@ -204,3 +208,53 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, tiny_model, engine
     train = read_jsonl(data / "train.jsonl")
     assert len({r["id"] for r in train}) == len(train) == 12 - len(
         read_jsonl(data / "rejected_responses.jsonl"))
+
+
+def test_stop_after_previews_the_data_and_resumes(tmp_path, tiny_model, engine):
+    """--stop-after respond: answers written, nothing trained, the card in the work dir; the real
+    engine scored every candidate's perplexity; --resume then trains and publishes the card."""
+    from tests.integration.conftest import Shared
+
+    experts = tmp_path / "experts"
+    cfg = tiny_config(experts, tiny_model, generate={"num_instructions": 4})
+    out = specialize(["math"], cfg, make_generator=Shared(engine), stop_after="respond")
+    work = experts / ".work" / "math"
+    assert list(json.loads((work / "state.json").read_text())["done"]) == [
+        "generate", "filter", "respond"]
+    assert out[0]["data_card"] == str(work / "data_card.md")
+    card = json.loads((work / "data_card.json").read_text())
+    assert card["stopped_after"] == "respond" and card["stages"]["filter"]["kept"] == 4
+    assert card["stages"]["respond"] == {"answered": 4}
+    assert (work / "data_card.md").read_text().startswith("# Data card: math")
+    assert not load_registry(experts).experts and not (work / "train").exists()
+    perplexity = json.loads((work / "filter" / "config.json").read_text())["perplexity"]
+    assert perplexity["max_nll"] > perplexity["seeds_median_nll"] > 0
+    rows = read_jsonl(work / "filter" / "kept.jsonl") + read_jsonl(
+        work / "filter" / "rejected.jsonl")
+    assert all(r["nll"] > 0 for r in rows)
+
+    specialize(["math"], cfg, resume=True, make_generator=Shared(engine))
+    entry = load_registry(experts).get("math")
+    published = json.loads((experts / entry.path / "data_card.json").read_text())
+    assert published["stopped_after"] is None and published["stages"]["filter_responses"]
+
+
+def test_meaning_filters_reject_a_random_model_s_noise(tmp_path, tiny_model, engine):
+    """With the default filters, a random model's text is rejected with the reasons that say
+    why (not a task, a fragment, off the domain); the run stops with that said."""
+    from specialize.errors import ConfigError
+    from tests.integration.conftest import Shared
+
+    experts = tmp_path / "experts"
+    cfg = tiny_config(experts, tiny_model, generate={"num_instructions": 4, "patience": 2},
+                      filter={"wellformed": True, "relevance": True})
+    try:
+        specialize(["math"], cfg, make_generator=Shared(engine), stop_after="filter")
+    except ConfigError as e:
+        assert "wrote no usable instruction" in str(e)
+    rejected = read_jsonl(experts / ".work" / "math" / "filter" / "rejected.jsonl")
+    meaning = [r for r in rejected if r["reason"] in ("not_a_task", "fragment", "off_domain",
+                                                      "input_unrelated")]
+    assert len(meaning) >= 0.8 * len(rejected) and len(rejected) >= 8, \
+        sorted({r["reason"] for r in rejected})
+    assert all(r["detail"] for r in meaning)
