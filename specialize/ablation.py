@@ -199,8 +199,17 @@ def _pooled(per_domain: dict[str, dict]) -> dict:
         n = sum(w for _, w in rows)
         return round(sum(v * w for v, w in rows) / n, 4) if n else None
 
+    def ci(key: str, weight: str) -> list[float] | None:
+        rows = [(m[key], m[weight]) for m in per_domain.values() if m[key] is not None]
+        return wilson(round(sum(v * w for v, w in rows)), sum(w for _, w in rows))
+
     judged = sum(m["judged"] for m in per_domain.values())
     kept = sum(m["kept"] for m in per_domain.values())
+    cis = {"keep_rate": wilson(kept, judged),
+           **{k: ci(k, w) for k, w in (("on_domain_kept", "kept"),
+                                       ("on_domain_candidates", "candidates"),
+                                       ("fragment_kept", "kept"),
+                                       ("fragment_candidates", "candidates"))}}
     gains = [m["eval_gain"]["diff"] for m in per_domain.values()
              if m.get("eval_gain", {}).get("diff") is not None]
     return {"candidates": sum(m["candidates"] for m in per_domain.values()), "kept": kept,
@@ -210,7 +219,18 @@ def _pooled(per_domain: dict[str, dict]) -> dict:
             "fragment_kept": pool("fragment_kept", "kept"),
             "fragment_candidates": pool("fragment_candidates", "candidates"),
             "seconds": round(sum(m["seconds"] for m in per_domain.values()), 1),
-            "eval_gain": round(float(np.mean(gains)), 4) if gains else None}
+            "eval_gain": round(float(np.mean(gains)), 4) if gains else None, "ci95": cis}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """The Wilson score interval of k successes in n (95%): sound near 0% and 100%, where the
+    rates that matter here (fragments, off-domain) live."""
+    if n == 0:
+        return None
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(float(max(0.0, mid - half)), 4), round(float(min(1.0, mid + half)), 4)]
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -256,6 +276,7 @@ def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, enco
                                       "seconds": round(time.time() - t, 1)}
             report["settings"][name] = {"changes": resolve_setting(name),
                                         "generate": cfg.generate.model_dump(mode="json"),
+                                        "filter": cfg.filter.model_dump(mode="json"),
                                         "domains": per_domain}
             write_json(acfg.out / "report.json", report)  # a partial report survives a crash
     finally:

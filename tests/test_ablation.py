@@ -191,3 +191,13 @@ def test_bad_input_one_line_exit_2(tmp_path, seeds, capsys, monkeypatch, args, m
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "reports").exists()  # nothing ran
+
+
+def test_wilson_interval():
+    from specialize.ablation import wilson
+
+    assert wilson(0, 0) is None
+    lo, hi = wilson(0, 48)
+    assert lo == 0.0 and 0.07 < hi < 0.08  # 0 of 48 still allows ~7% (the rule of three: 6%)
+    lo, hi = wilson(40, 48)
+    assert lo < 40 / 48 < hi and hi - lo < 0.23
