@@ -8,9 +8,11 @@ has kept `num_instructions`, as `specialize --stop-after filter` would; all sett
 vLLM engine. Per setting the report gives:
 
 - keep rate: kept / judged candidates (candidates past the target are not judged);
-- on-domain rate: the share whose nearest domain, by the router's encoder, is their own
-  (`on_domain_rate`), over the kept instructions and over every candidate;
-- fragment rate: the share that is not a complete question or imperative (`is_fragment`);
+- on-domain rate: the share whose nearest reference, by the router's encoder, is their own
+  domain's rather than another domain's or everyday tasks (`on_domain_rate`, as the data card),
+  over the kept instructions and over every candidate (what generation itself achieved: the
+  filter drops off-domain candidates, so the kept rate is high by construction);
+- fragment rate: the share that is not a complete question or imperative (`fragment_rate`);
 - with `--train-eval`, the eval gain: each setting's data is answered, trained and published
   into its own registry, and the expert is scored against the base on its domain's eval.
 
@@ -19,7 +21,6 @@ Numbers from runs go to docs/quality.md, never here.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -28,11 +29,18 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, ValidationError, field_validator
 
-from specialize.config import SpecializeConfig, _Config, build_config
+from specialize.config import FilterConfig, SpecializeConfig, _Config, build_config
 from specialize.engine import build_vllm_generator
 from specialize.errors import ConfigError
 from specialize.jsonl import read_jsonl, write_json
-from specialize.seeds import Domain, available_domains, load_domain
+from specialize.quality import (
+    build_reference,
+    load_default_encoder,
+    seed_verbs,
+    task_text,
+    wellformed_verdict,
+)
+from specialize.seeds import Domain, load_domain
 
 # Each setting changes one thing; "paper" pins the values the others are measured against, so a
 # report stays comparable after the defaults move.
@@ -70,6 +78,7 @@ class AblationConfig(_Config):
     base_model: str = "smollm2-135m-instruct"
     out: Path = Path("reports/ablation")
     train_eval: bool = False  # also answer, train, publish and score each setting's experts
+    filter: FilterConfig = FilterConfig()  # the same filters for every setting: the pipeline's
     seed: int = 0
 
     @field_validator("settings")
@@ -91,80 +100,32 @@ def build_ablation_config(**kwargs) -> AblationConfig:
 
 def setting_config(acfg: AblationConfig, name: str) -> SpecializeConfig:
     return build_config(base_model=acfg.base_model, experts_dir=acfg.out / name / "experts",
-                        engine={"seed": acfg.seed},
+                        engine={"seed": acfg.seed}, filter=acfg.filter.model_dump(),
                         generate={**resolve_setting(name),
                                   "num_instructions": acfg.num_instructions})
 
 
 # ---- the measures -----------------------------------------------------------------------------
+# The data card's definitions (specialize/datacard.py), so an ablation's rates and an expert's
+# card agree: on-domain = the domain's own reference set scores above every other domain's and
+# the generic everyday tasks (quality.DomainReference); fragment = not a complete question or
+# imperative (quality.wellformed_verdict, either reason).
 
-# Words a complete question or imperative starts with (the seeds' and the eval's first words,
-# plus common task verbs).
-_STARTER_WORDS = """
-what which who whom whose when where why how is are was were do does did can could should would
-will shall may might must has have had explain describe list identify calculate compute classify
-summarize summarise write draft determine give find compare contrast define extract name state
-outline evaluate assess solve convert rewrite suggest provide create analyze analyse translate
-estimate simplify prove show choose select decide answer tell recommend discuss interpret predict
-rank sort match label categorize categorise check verify construct design prepare paraphrase
-justify illustrate derive express factor expand work use read consider imagine formulate
-propose generate count rephrase highlight distinguish differentiate infer complete fill
-"""
-_STARTERS = set(_STARTER_WORDS.split())
-_LEADS = {"given", "if", "using", "based", "for", "in", "from", "according", "after", "with",
-          "suppose", "assume", "assuming", "here", "below", "following", "considering", "as"}
-_DANGLING = {"the", "a", "an", "of", "to", "and", "or", "in", "on", "for", "with", "by", "is",
-             "are", "that", "which", "its", "their", "from", "at", "as", "if", "what", "how"}
-
-
-def is_fragment(instruction: str) -> bool:
-    """Not a complete question or imperative: no closing punctuation, a dangling last word
-    ("Is the probability of"), or a statement that neither asks nor tells ("Universe of likely
-    antimicrobial agents ..."). A clause after a lead-in ("Given ..., find ...") counts."""
-    text = instruction.strip()
-    if not text or text[-1] not in ".?!:":
-        return True
-    words = re.findall(r"[A-Za-z][A-Za-z'-]*", text)
-    if not words or words[-1].lower() in _DANGLING or len(words) < 3:
-        return True
-    if text.endswith("?"):
-        return False
-    if words[0].lower() in _STARTERS:
-        return False
-    if words[0].lower() in _LEADS:
-        # an imperative after the lead-in clause: ", calculate ..." / ": explain ..."
-        return not any(w.split()[0].lower() in _STARTERS
-                       for w in re.split(r"[,:;]\s*", text)[1:] if w.split())
-    return True
-
-
-def domain_references(domains: Sequence[Domain], encoder) -> tuple[list[str], np.ndarray]:
-    """One reference vector per domain: the mean of its seeds' centroid and its description,
-    both unit vectors (the router's exemplars are the seeds; the description names the scope)."""
-    names, refs = [], []
-    for d in domains:
-        seeds = np.asarray(encoder.encode([s.instruction for s in d.seeds]), dtype=np.float32)
-        centroid = seeds.mean(axis=0)
-        centroid /= np.linalg.norm(centroid) or 1.0
-        desc = np.asarray(encoder.encode([d.description]), dtype=np.float32)[0]
-        ref = centroid + desc / (np.linalg.norm(desc) or 1.0)
-        names.append(d.name)
-        refs.append(ref / (np.linalg.norm(ref) or 1.0))
-    return names, np.stack(refs)
-
-
-def on_domain_rate(texts: Sequence[str], domain: str, names: list[str], refs: np.ndarray,
-                   encoder) -> float | None:
-    """The share of `texts` whose nearest domain reference (cosine) is `domain`'s."""
+def on_domain_rate(texts: Sequence[str], reference) -> float | None:
+    """The share of `texts` whose nearest reference set is their own domain's."""
     if not texts:
         return None
-    vecs = np.asarray(encoder.encode(list(texts)), dtype=np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
-    nearest = (vecs @ refs.T).argmax(axis=1)
-    return round(float(np.mean(nearest == names.index(domain))), 4)
+    return round(sum(o > r for _, o, _, r in reference.nearest(list(texts))) / len(texts), 4)
 
 
-def measure(workdir: Path, domain: str, names: list[str], refs: np.ndarray, encoder) -> dict:
+def fragment_rate(instructions: Sequence[str], verbs: frozenset[str]) -> float | None:
+    if not instructions:
+        return None
+    bad = sum(1 for t in instructions if wellformed_verdict(t, verbs).reason is not None)
+    return round(bad / len(instructions), 4)
+
+
+def measure(workdir: Path, domain: Domain, reference) -> dict:
     """The generation measures of one (setting, domain) work dir after the filter stage."""
     candidates = [r for r in read_jsonl(workdir / "generate" / "instructions.jsonl")
                   if not r.get("marker")]
@@ -174,22 +135,21 @@ def measure(workdir: Path, domain: str, names: list[str], refs: np.ndarray, enco
     for r in rejected:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     judged = len(candidates) - reasons.get("surplus", 0)
-    kept_texts = [r["instruction"] for r in kept]
-    all_texts = [r["instruction"] for r in candidates]
+    verbs = seed_verbs(domain)
     return {
         "candidates": len(candidates), "judged": judged, "kept": len(kept),
         "keep_rate": round(len(kept) / judged, 4) if judged else None,
-        "on_domain_kept": on_domain_rate(kept_texts, domain, names, refs, encoder),
-        "on_domain_candidates": on_domain_rate(all_texts, domain, names, refs, encoder),
-        "fragment_kept": _share(kept_texts, is_fragment),
-        "fragment_candidates": _share(all_texts, is_fragment),
+        "on_domain_kept": on_domain_rate([_text(r) for r in kept], reference),
+        "on_domain_candidates": on_domain_rate([_text(r) for r in candidates], reference),
+        "fragment_kept": fragment_rate([r["instruction"] for r in kept], verbs),
+        "fragment_candidates": fragment_rate([r["instruction"] for r in candidates], verbs),
         "rejected": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-        "examples_kept": kept_texts[:5],
+        "examples_kept": [r["instruction"] for r in kept[:5]],
     }
 
 
-def _share(texts: list[str], pred: Callable[[str], bool]) -> float | None:
-    return round(sum(map(pred, texts)) / len(texts), 4) if texts else None
+def _text(row: dict) -> str:
+    return task_text(row["instruction"], row.get("input", ""))
 
 
 def _pooled(per_domain: dict[str, dict]) -> dict:
@@ -248,15 +208,8 @@ def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, enco
     domains = [load_domain(d) for d in acfg.domains]
     configs = {name: setting_config(acfg, name) for name in acfg.settings}
     base_path = resolve_base_model(acfg.base_model)
-    if encoder is None:
-        from router.encoder import load_encoder  # the router's encoder: one embedding model
-
-        encoder = load_encoder(None)
-    # References for every shipped domain plus the ones run, so "nearest" has rivals even when
-    # a single domain is ablated.
-    rivals = {d.name: d for d in [load_domain(n) for n in available_domains()]}
-    rivals.update({d.name: d for d in domains})
-    names, refs = domain_references(list(rivals.values()), encoder)
+    encoder = encoder or load_default_encoder()
+    references = {d.name: build_reference(d, encoder) for d in domains}
 
     report = {"created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
               "cpu": cpu_model(), "base_model": acfg.base_model,
@@ -272,7 +225,7 @@ def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, enco
                 run = prepare_run(d, cfg.experts_dir / ".work" / d.name, cfg, resume=False,
                                   restart=True)
                 write_instructions(run, cfg, generator)
-                per_domain[d.name] = {**measure(run.workdir, d.name, names, refs, encoder),
+                per_domain[d.name] = {**measure(run.workdir, d, references[d.name]),
                                       "seconds": round(time.time() - t, 1)}
             report["settings"][name] = {"changes": resolve_setting(name),
                                         "generate": cfg.generate.model_dump(mode="json"),

@@ -13,16 +13,21 @@ import pytest
 from specialize.ablation import (
     build_ablation_config,
     format_report,
-    is_fragment,
     resolve_setting,
     run_ablation,
 )
 from specialize.cli import main
+from specialize.config import FilterConfig
+from specialize.datacard import build_data_card
 from specialize.engine import Completion
 from specialize.errors import ConfigError
+from specialize.seeds import load_domain
 from tests.conftest import FakeGenerator, write_domain
 
 AXES = ("alpha", "beta")
+# The rule filters only: the meaning filters would load the real encoder and the fragments and
+# off-domain items this test counts would not be kept.
+RULES_ONLY = FilterConfig(wellformed=False, relevance=False, max_perplexity_ratio=None)
 
 
 class KeywordEncoder:
@@ -102,27 +107,13 @@ def test_settings_change_one_thing_on_top_of_the_paper_prompt():
         resolve_setting("passage+hot")
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("What is the main mechanism of action of metformin?", False),
-    ("Explain how statins lower LDL cholesterol.", False),
-    ("Given a loan of $1000 at 5%, calculate the interest after two years.", False),
-    ("If a patient has a fever, list three likely causes.", False),
-    ("Is the probability of", True),  # from issue 16: cut off
-    ("Universe of likely antimicrobial agents even after when their function is destroyed "
-     "due to long-term use.", True),  # a noun phrase: neither asks nor tells
-    ("Your friend is gone.", True),
-    ("Explain the idea of the", True),  # dangling last word
-    ("Summarize the following clause", True),  # no closing punctuation
-])
-def test_is_fragment(text, fragment):
-    assert is_fragment(text) is fragment
-
-
 def test_run_reports_keep_on_domain_and_fragment_rates(tmp_path, seeds, base):
     acfg = build_ablation_config(domains=["alpha", "beta"], settings=["paper", "subtopic"],
-                                 num_instructions=6, base_model=str(base), out=tmp_path / "abl")
+                                 num_instructions=6, base_model=str(base), out=tmp_path / "abl",
+                                 filter=RULES_ONLY)
     gen = MixedWriter()
-    report = run_ablation(acfg, make_generator=lambda *a, **k: gen, encoder=KeywordEncoder())
+    encoder = KeywordEncoder()
+    report = run_ablation(acfg, make_generator=lambda *a, **k: gen, encoder=encoder)
 
     assert gen.closed  # one engine for every setting, closed at the end
     assert list(report["settings"]) == ["paper", "subtopic"]
@@ -136,12 +127,16 @@ def test_run_reports_keep_on_domain_and_fragment_rates(tmp_path, seeds, base):
             assert m["on_domain_candidates"] == pytest.approx(2 / 3, abs=1e-4)
             assert m["fragment_candidates"] == pytest.approx(1 / 3, abs=1e-4)
             assert m["kept"] == 6 and m["keep_rate"] == round(6 / m["judged"], 4)
+            workdir = tmp_path / "abl" / name / "experts" / ".work" / dom
             kept = [json.loads(line)["instruction"] for line in
-                    (tmp_path / "abl" / name / "experts" / ".work" / dom / "filter" /
-                     "kept.jsonl").read_text().splitlines()]
-            on = sum(dom in k and not ("alpha" in k and "beta" in k) for k in kept)
+                    (workdir / "filter" / "kept.jsonl").read_text().splitlines()]
+            on = sum(dom in k for k in kept)
             assert m["on_domain_kept"] == round(on / 6, 4)
             assert m["fragment_kept"] == round(sum(k.endswith("of the") for k in kept) / 6, 4)
+            # the same numbers as the data card an expert from this data would carry
+            card = build_data_card(load_domain(dom), workdir, encoder)
+            assert (m["on_domain_kept"], m["fragment_kept"]) == (card["on_domain_rate"],
+                                                                 card["fragment_rate"])
         total = entry["total"]
         assert total["kept"] == 12 and total["eval_gain"] is None
         assert total["on_domain_candidates"] == pytest.approx(2 / 3, abs=1e-4)
@@ -167,7 +162,7 @@ def test_train_eval_adds_each_setting_s_eval_gain(tmp_path, seeds, base, monkeyp
     monkeypatch.setattr("specialize.pipeline.specialize", fake_specialize)
     acfg = build_ablation_config(domains=["alpha"], settings=["paper", "chat"],
                                  num_instructions=3, base_model=str(base), out=tmp_path / "abl",
-                                 train_eval=True)
+                                 train_eval=True, filter=RULES_ONLY)
     report = run_ablation(acfg, make_generator=lambda *a, **k: MixedWriter(),
                           encoder=KeywordEncoder(), eval_gain=fake_gain)
     # each setting resumes its own work dirs after generate+filter
