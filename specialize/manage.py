@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from specialize.datacard import CARD_MD
 from specialize.errors import (
     AdapterError,
     ConfigError,
@@ -141,7 +142,7 @@ def add_expert(cfg: AddConfig) -> Change:
         (staging / "data" / "exemplars.jsonl").write_text(
             "".join(json.dumps({"query": q}) + "\n" for q in exemplars), encoding="utf-8")
         if cfg.data_card is not None:
-            shutil.copy2(cfg.data_card, staging / "data_card.md")
+            shutil.copy2(cfg.data_card, staging / CARD_MD)
         write_json(staging / "config.json", {"command": "selfspec experts add",
                                              **cfg.model_dump(mode="json")})
         with locked(cfg.experts_dir):
@@ -450,7 +451,7 @@ class ExpertView:
     entry: ExpertEntry | None  # None: removed from the registry, versions still on disk
     versions: dict[int, ExpertEntry]
     data_card: str | None
-    gain: str | None  # the measured gain over the base model, from an eval report
+    eval_gain: str | None  # the gain over the base model in `selfspec eval`'s report
 
 
 def describe_expert(experts_dir: Path, name: str, report: Path | None = None) -> ExpertView:
@@ -459,13 +460,13 @@ def describe_expert(experts_dir: Path, name: str, report: Path | None = None) ->
     entry = load_registry(experts_dir).experts.get(name)
     versions = {v: read_version(experts_dir, name, v) for v in version_dirs(experts_dir, name)}
     card = None
-    if entry is not None and (experts_dir / entry.path / "data_card.md").is_file():
-        card = (experts_dir / entry.path / "data_card.md").read_text(encoding="utf-8")
-    gain = measured_gain(report, experts_dir, entry) if entry and report else None
+    if entry is not None and (experts_dir / entry.path / CARD_MD).is_file():
+        card = (experts_dir / entry.path / CARD_MD).read_text(encoding="utf-8")
+    gain = eval_gain(report, experts_dir, entry) if entry and report else None
     return ExpertView(name, entry, versions, card, gain)
 
 
-def measured_gain(report: Path, experts_dir: Path, entry: ExpertEntry) -> str | None:
+def eval_gain(report: Path, experts_dir: Path, entry: ExpertEntry) -> str | None:
     """One line from `selfspec eval`'s eval.json, when it measured this very version."""
     try:
         data = json.loads(report.read_text(encoding="utf-8"))
@@ -506,7 +507,9 @@ def format_expert(view: ExpertView, experts_dir: Path) -> str:
         else:
             lines.append(f"  training      outside selfspec; added from {e.source}")
         lines += [f"  exemplars     {len(e.exemplars)} routing queries",
-                  f"  measured gain {view.gain or 'none measured (selfspec eval)'}",
+                  # measured after training on the domain's validation split (specialize/gain.py)
+                  "  measured gain " + (e.gain.describe() if e.gain else "not measured"),
+                  f"  eval gain     {view.eval_gain or 'none in an eval report (selfspec eval)'}",
                   f"  created       {e.created:%Y-%m-%d %H:%M} UTC"]
     lines.append("  versions      " + ", ".join(
         f"v{v}{' (current)' if e and v == e.version else ''} {x.created:%Y-%m-%d}"

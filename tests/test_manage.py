@@ -23,7 +23,7 @@ from specialize.manage import (
     remove_expert,
     rollback_expert,
 )
-from specialize.registry import load_registry
+from specialize.registry import GainInfo, load_registry, write_registry
 from tests.conftest import write_domain
 
 # (out, in) of each base weight the fake adapters adapt.
@@ -310,7 +310,8 @@ def test_show_prints_the_entry_versions_and_no_data_card(experts, capsys):
     assert "rank 8, alpha 16, down_proj, q_proj" in out
     assert "training      outside selfspec; added from" in out
     assert "exemplars     10 routing queries" in out
-    assert "measured gain none measured" in out
+    assert "measured gain not measured" in out
+    assert "eval gain     none in an eval report" in out
     assert "v1 " in out and "v2 (current)" in out
     assert out.rstrip().endswith("no data card")
 
@@ -328,7 +329,7 @@ def test_show_prints_the_data_card_and_the_measured_gain(experts, tmp_path, caps
             "law": {"domain": "law", "diff": 0.1, "ci": [0.0, 0.2], "p_not_better": 0.1}}}}))
     code, out, _ = cli(capsys, "show", "tax", "--report", report, "--experts-dir", experts)
     assert code == 0
-    assert "measured gain +0.125 score over base on tax (95% CI +0.050 to +0.200" in out
+    assert "eval gain     +0.125 score over base on tax (95% CI +0.050 to +0.200" in out
     assert out.rstrip().endswith("# tax data card\n96 examples")
     code, out, _ = cli(capsys, "show", "law", "--report", report, "--experts-dir", experts)
     assert f"not measured for v1 ({report} measured v7)" in out
@@ -346,3 +347,14 @@ def test_adapter_error_names_the_base(experts, base, tmp_path):
     with pytest.raises(AdapterError, match="tiny-base"):
         add_expert(build_add_config(name="tax", experts_dir=experts,
                                     adapter=bad_adapter("shapes", tmp_path, base)))
+
+
+def test_show_prints_the_gain_measured_at_training(experts, capsys):
+    reg = load_registry(experts)
+    reg.experts["tax"].gain = GainInfo(metric="validation_score", expert=0.6, base=0.5,
+                                       diff=0.1, ci=[0.02, 0.18], p_not_better=0.01, n=40)
+    write_registry(experts, reg)
+    code, out, _ = cli(capsys, "show", "tax", "--experts-dir", experts)
+    assert code == 0
+    assert "measured gain +0.100 vs base on validation (95% CI +0.020..+0.180, p 0.01, n 40)" \
+        in out
