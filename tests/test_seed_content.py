@@ -85,6 +85,31 @@ def test_no_near_duplicates_between_seeds_and_held_out_items(domain):
             pool.add(t)
 
 
+def test_validation_split_is_apart_from_everything_else(domain):
+    """seeds/<domain>/validation.jsonl decides which experts `auto` routes to (specialize/gain.py):
+    scored by likelihood (multiple choice and yes/no only), balanced, and no reworded copy of a
+    seed, an eval item (the reported numbers), a routing query or another validation item."""
+    from specialize.gain import SCORED, VALIDATION_FILE
+    from specialize.seeds import EvalItem
+
+    items = load_jsonl(domain.root / VALIDATION_FILE, EvalItem)
+    assert len(items) >= 60 and {e.type for e in items} <= set(SCORED)
+    assert [e.id for e in items] == [f"{domain.name}-val-{i:03d}" for i in range(1, len(items) + 1)]
+    mc = [e for e in items if e.type == "multiple_choice"]
+    assert all(len(e.options) == 4 == len(set(e.options)) for e in mc)
+    assert max([e.answer for e in mc].count(letter) for letter in "ABCD") <= 0.35 * len(mc)
+    yn = [e.answer for e in items if e.type == "yes_no"]
+    assert 0.4 <= yn.count("yes") / len(yn) <= 0.6
+    others = RougeIndex([s.instruction for s in domain.seeds] +
+                        [e.question for e in domain.eval_items] +
+                        [r.query for r in routing(domain.name)])
+    pool = RougeIndex()
+    for e in items:
+        assert others.max_score(e.question, 0.7)[0] <= 0.7, e.question
+        assert pool.max_score(e.question, 0.7)[0] <= 0.7, e.question
+        pool.add(e.question)
+
+
 def test_every_check_recomputes(domain):
     checked = 0
     for s in domain.seeds:
