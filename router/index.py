@@ -97,7 +97,15 @@ def load_router(experts_dir: str | os.PathLike, encoder: Encoder | str | None = 
             index = read_index(folder / meta["index_file"])
             offtopic = np.load(folder / meta["offtopic_file"]) if meta.get("offtopic_file") \
                 else None
-        except (FileNotFoundError, RuntimeError):
+        except (OSError, RuntimeError, ValueError, EOFError) as e:
+            if read_meta(experts_dir) != meta:
+                continue  # rebuilt meanwhile (files named a moment ago are gone): read that
+            # Truncated or corrupt (a torn copy, a full disk): rebuild from the registry, or
+            # every router replica start fails the same way and Serve restarts it forever.
+            log.warning("the router index in %s is unreadable (%s): rebuilding it", folder, e)
+            folder, built = _ensure(experts_dir, encoder, rebuild=True)
+            if built is not None:
+                return built
             continue
         enc = load_encoder(encoder if encoder is not None else meta["encoder"]["name"])
         cfg = ScoringConfig(**meta["scoring"])
@@ -164,6 +172,9 @@ def _stale_reason(meta: dict | None, registry: Registry, folder: Path, encoder) 
             return "registry content changed without a new revision"
         if not (folder / meta["index_file"]).is_file():
             return "index file missing"
+        size = (folder / meta["index_file"]).stat().st_size
+        if "index_bytes" in meta and size != meta["index_bytes"]:
+            return f"index file is {size} bytes, {meta['index_bytes']} were written (truncated)"
         if meta.get("offtopic_file") and not (folder / meta["offtopic_file"]).is_file():
             return "off-topic vectors missing"
     except (KeyError, TypeError, ValueError) as e:
@@ -201,6 +212,7 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
         "experts": router.names,
         "expert_versions": {n: registry.experts[n].version for n in router.names},
         "index_file": index_file,
+        "index_bytes": (folder / index_file).stat().st_size,  # a truncated copy shows as stale
         "offtopic_file": offtopic_file,
         "offtopic": router.info.get("offtopic"),
         "index_kind": index_kind(router.index),

@@ -28,6 +28,17 @@ def resolve_config(args: dict | ServeConfig | None = None, **overrides) -> Serve
                                   "api_key": cfg.resolved_api_key()})
 
 
+def require_experts_dir(cfg: ServeConfig) -> None:
+    """Refuse an experts dir that does not exist: a typo would otherwise start Ray and vLLM and
+    serve the base model only. (A dir without registry.json is a fresh one, and fine.)"""
+    from specialize.errors import ConfigError
+
+    if not cfg.experts_dir.is_dir():
+        raise ConfigError(f"the experts dir {cfg.experts_dir} does not exist: pass --experts-dir "
+                          "with the folder `selfspec specialize` published to, or run "
+                          "`selfspec up` to make one")
+
+
 def build_app(args: dict | None = None):
     from serve.engine import EngineServer
     from serve.ingress import IngressServer

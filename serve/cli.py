@@ -110,6 +110,7 @@ def run_serve(args) -> int:
     settings = deploy_settings(args.config)
     cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
                          api_key=args.api_key)
+    require_experts_dir(cfg)
     host = args.host or settings["host"] or "127.0.0.1"
     port = args.port or settings["port"] or 8000
     return serve_forever(cfg, host, port, settings["name"], settings["route_prefix"],

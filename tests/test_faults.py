@@ -10,16 +10,21 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from router.index import load_router, read_meta
 from serve.watch import RetrySchedule
 from specialize.jsonl import append_jsonl, read_jsonl, resume_jsonl
 from specialize.registry import load_registry, write_registry
 from tests.test_serve import ask
 from tests.test_serve import make as make_service
+from tests.test_router import fake_st, two_experts, write_reg  # noqa: F401 - fake_st: fixture
 from tests.test_serve_engine import make_base, publish, start
 
 # --- 1. JSONL: rows are never dropped by a line separator or a torn tail ----------------------
@@ -210,3 +215,41 @@ def test_health_says_degraded_while_the_registry_is_missing():
     assert body["status"] == "degraded" and "missing" in body["registry_problem"]
     r = client.post("/v1/chat/completions", json=ask("bond"))
     assert r.status_code == 200 and r.headers["x-selfspec-expert"] == "finance"
+
+
+# --- 7. a truncated router index is rebuilt, not crash-looped -----------------------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged", ["index_file", "offtopic_file"])
+@pytest.mark.parametrize("old_meta", [False, True], ids=["sized", "unsized-meta"])
+def test_truncated_router_index_is_rebuilt(tmp_path, fake_st, damaged, old_meta):
+    write_reg(tmp_path, two_experts())
+    built = load_router(tmp_path)
+    meta = read_meta(tmp_path)
+    if old_meta:  # written before meta.json recorded the index size: found when it is read
+        meta.pop("index_bytes")
+        (tmp_path / "router" / "meta.json").write_text(json.dumps(meta))
+    _truncate(tmp_path / "router" / meta[damaged])  # a torn copy, a full disk
+    loaded = load_router(tmp_path)
+    assert read_meta(tmp_path)["index_file"] != meta["index_file"]  # a new build
+    qs = ["law x", "math y", "cook z"]
+    assert [c.expert for c in loaded.route_batch(qs)] == [c.expert for c in built.route_batch(qs)]
+    assert load_router(tmp_path).names == ["law", "math"]  # and the rebuilt one reads back
+
+
+# --- 6b. a typo in --experts-dir is refused before Ray or vLLM starts --------------------------
+
+def test_serve_refuses_an_experts_dir_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nonexistent" / "dir"
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "specialize.cli", "serve", "--experts-dir",
+                          str(missing)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("selfspec: error: the experts dir") and str(missing) in last
+    assert "starting Ray" not in out.stderr and time.monotonic() - t0 < 60
