@@ -139,7 +139,7 @@ def check_adapters(registry: Registry, experts_dir: Path, plan: EnginePlan,
             out.skipped[name] = str(e)
             log.error("expert %s left out: %s", entry.lora_name, e)
             continue
-        except Exception as e:  # noqa: BLE001 - one unreadable adapter must not stop the others
+        except Exception as e:  # one unreadable adapter must not stop the others
             # PermissionError (published under umask 077 by another user), UnicodeDecodeError,
             # a config that is JSON but not an object, a vanished folder: at start-up any of
             # these escaping would crash-loop the engine replica, at hot-add stop the sync halfway.

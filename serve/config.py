@@ -156,6 +156,15 @@ class IngressOptions(_Replicas):
     max_ongoing_requests: int = Field(512, ge=1)
     # 1 MiB holds a ~250k-token prompt, far above any context this engine serves.
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Per-request caps: vLLM itself allows n up to 16384 and 1024 prompts a request, so one
+    # request could hold a CPU engine for hours. Each is refused with a 400 naming the field.
+    max_n: int = Field(8, ge=1)  # choices per request ("n")
+    max_tokens: int = Field(4096, ge=1)  # tokens to generate per choice (max_tokens and
+    # max_completion_tokens); the engine also refuses more than the context holds
+    max_prompts: int = Field(32, ge=1)  # prompts in one /v1/completions request (a list)
+    # Wall-clock seconds for one request, streaming included: a 408 (or an error event in the
+    # stream), and the engine stops generating for it. ~10 minutes of CPU decoding.
+    request_timeout_s: float = Field(600.0, gt=0)
 
 
 class ServeConfig(_Config):

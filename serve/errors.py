@@ -54,6 +54,16 @@ class EngineUnavailableError(ServeError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class LimitExceededError(InvalidRequestError):
+    """A request over one of the ingress caps (n, max_tokens, prompts, nesting depth)."""
+
+
+class RequestTimeoutError(ServeError):
+    """The request ran past ingress.request_timeout_s; the engine stopped working on it."""
+
+    status = HTTPStatus.REQUEST_TIMEOUT
+
+
 # selfspec's own errors outside serve/ (first match wins: subclasses before bases).
 _SELFSPEC_STATUS: list[tuple[type[Exception], HTTPStatus]] = [
     (ExpertNotFoundError, HTTPStatus.NOT_FOUND),
@@ -148,6 +158,7 @@ def _replica_gone(exc: BaseException) -> bool:
 def _type_name(status: int) -> str:
     # OpenAI's client keys its exception classes on the status; the type names match vLLM's.
     return {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-            404: "NotFoundError", 413: "RequestTooLargeError", 415: "BadRequestError",
+            404: "NotFoundError", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
+            415: "BadRequestError",
             422: "UnprocessableEntityError", 429: "RateLimitError",
             503: "ServiceUnavailableError"}.get(int(status), "InternalServerError")

@@ -11,6 +11,7 @@ the Ray Serve deployment that builds it around deployment handles.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -31,10 +32,17 @@ from serve.clients import (
     RouterClient,
 )
 from serve.config import ServeConfig, build_serve_config
-from serve.errors import AuthenticationError, PayloadTooLargeError, json_error, map_exception
+from serve.errors import (
+    AuthenticationError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    json_error,
+    map_exception,
+)
 from serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from serve.protocol import (
     chat_route_text,
+    check_limits,
     completion_route_text,
     parse_chat,
     parse_completion,
@@ -45,6 +53,15 @@ from specialize.build_status import describe_in_progress, read_build_status
 from specialize.errors import SelfspecError
 
 log = logging.getLogger(__name__)
+
+
+async def _cancel(items) -> None:
+    """Stop the engine generating for a stream nobody will read (a Serve response generator
+    has cancel(), an in-process one aclose())."""
+    if hasattr(items, "cancel"):
+        items.cancel()
+    elif hasattr(items, "aclose"):
+        await items.aclose()
 
 
 class Service:
@@ -91,10 +108,12 @@ class Service:
             else:
                 request = parse_completion(body)
                 text = completion_route_text(request)
+            check_limits(request, body, self.cfg.ingress)
             sel = await self.selector.select(request.model, text)
             self.metrics.observe_selection(sel)
             if not request.stream:
-                first, *rest = await self.engine.respond(kind, request, sel.expert)
+                first, *rest = await self._in_time(self.engine.respond(kind, request,
+                                                                       sel.expert), t0)
                 if first[0] == ERROR:
                     status = first[1]
                     return JSONResponse(first[2], status_code=status, headers=sel.headers())
@@ -103,7 +122,11 @@ class Service:
                         self.metrics.observe_tokens(sel, item[1], item[2])
                 return JSONResponse(first[1], headers=sel.headers())
             items = self.engine.generate(kind, request, sel.expert)
-            first = await items.__anext__()
+            try:
+                first = await self._in_time(items.__anext__(), t0)
+            except RequestTimeoutError:
+                await _cancel(items)
+                raise
             if first[0] == ERROR:
                 status = first[1]
                 return JSONResponse(first[2], status_code=status, headers=sel.headers())
@@ -118,11 +141,26 @@ class Service:
             if not streaming:
                 self.metrics.observe_request(endpoint, sel, status, time.perf_counter() - t0)
 
+    async def _in_time(self, awaitable, t0: float):
+        """Await within what is left of ingress.request_timeout_s (counted from `t0`, the
+        request's start); past it, the awaited call is cancelled and the client gets a 408."""
+        limit = self.cfg.ingress.request_timeout_s
+        try:
+            return await asyncio.wait_for(awaitable, limit - (time.perf_counter() - t0))
+        except TimeoutError:
+            raise RequestTimeoutError(f"the request ran past this server's limit of {limit:g} s "
+                                      "(ingress.request_timeout_s): ask for fewer tokens or "
+                                      "choices, or retry when the server is less busy") from None
+
     async def _sse(self, first, items, sel, endpoint: str, t0: float):
         status, done = 200, False
         try:
             yield first[1]
-            async for item in items:
+            while True:
+                try:
+                    item = await self._in_time(items.__anext__(), t0)
+                except StopAsyncIteration:
+                    break
                 if item[0] == CHUNK:
                     yield item[1]
                 elif item[0] == USAGE:
@@ -133,10 +171,7 @@ class Service:
             yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n"
         finally:
             if not done:  # client went away (or the engine failed): stop generating for it
-                if hasattr(items, "cancel"):
-                    items.cancel()
-                elif hasattr(items, "aclose"):
-                    await items.aclose()
+                await _cancel(items)
             self.metrics.observe_request(endpoint, sel, status, time.perf_counter() - t0)
 
     async def models(self, raw: Request) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from serve.errors import InvalidRequestError
+from serve.errors import InvalidRequestError, LimitExceededError
 
 # OpenAI's chat/completions parameters (those vLLM implements) + vLLM sampling extensions.
 _SAMPLING = {"model", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
@@ -29,16 +29,75 @@ COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "suffix", "add_special_tokens
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
+# OpenAI requests nest a few levels (a tool's JSON schema perhaps 20); deeper is hostile, and
+# would reach pydantic's and vLLM's recursive code (200,000 brackets were a 500).
+MAX_JSON_DEPTH = 64
+
+
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequestError(f"the request body is not valid JSON ({e}); send a JSON "
                                   "object with Content-Type: application/json") from None
+    except RecursionError:  # the C parser's own recursion guard, ~1000 levels
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got "
                                   f"{type(body).__name__}")
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise _too_deep()
     return body
+
+
+def _too_deep() -> LimitExceededError:
+    return LimitExceededError(f"the request body nests JSON more than {MAX_JSON_DEPTH} levels "
+                              "deep; send a flatter request")
+
+
+def _depth(value) -> int:
+    """Nesting depth, walked without recursion (the point is to refuse what recursion chokes
+    on)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        deepest = max(deepest, d)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        todo.extend((child, d + 1) for child in v)
+    return deepest
+
+
+def check_limits(request, sent: dict, limits) -> None:
+    """The ingress caps (`IngressOptions`: max_n, max_tokens, max_prompts) on a parsed request;
+    over one -> LimitExceededError naming the field and the config key. Only what the client
+    `sent` is capped: vLLM fills in defaults (16 tokens for a completion)."""
+    n = getattr(request, "n", None) or 1
+    if n > limits.max_n:
+        raise LimitExceededError(f"n={n} is over this server's limit of {limits.max_n} choices "
+                                 "per request (ingress.max_n)", param="n")
+    for field in ("max_tokens", "max_completion_tokens"):
+        asked = getattr(request, field, None)
+        if asked is not None and asked > limits.max_tokens and field in sent:
+            raise LimitExceededError(f"{field}={asked} is over this server's limit of "
+                                     f"{limits.max_tokens} tokens per choice "
+                                     "(ingress.max_tokens)", param=field)
+    prompts = _prompt_count(getattr(request, "prompt", None))
+    if prompts > limits.max_prompts:
+        raise LimitExceededError(f"{prompts} prompts in one request is over this server's limit "
+                                 f"of {limits.max_prompts} (ingress.max_prompts): send them in "
+                                 "several requests", param="prompt")
+
+
+def _prompt_count(prompt) -> int:
+    """A string or one list of token ids is one prompt; a list of either is one per item."""
+    if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
+        return 1 if prompt else 0
+    return len(prompt)
 
 
 def _common(body: dict, allowed: set[str], endpoint: str) -> None:

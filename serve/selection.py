@@ -17,6 +17,7 @@ shows the considered (or forced) expert's measured gain.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 
@@ -46,11 +47,24 @@ class Selection:
         if self.score is not None:
             h["x-selfspec-route-score"] = f"{self.score:.4f}"
         if self.reason:
-            # Header values must be latin-1; reasons are ours (ASCII), keep them short.
-            h["x-selfspec-route-reason"] = self.reason.encode("ascii", "replace").decode()[:200]
+            h["x-selfspec-route-reason"] = self.reason
         if self.gain:
             h["x-selfspec-route-gain"] = self.gain
-        return h
+        return {k: header_value(v) for k, v in h.items()}
+
+
+# An absolute path (POSIX or Windows), or one under the home dir: server layout, not for clients.
+_PATH = re.compile(r"(?:(?<![\w.~])/|~/|\b[A-Za-z]:\\)[^\s'\"(),;]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def header_value(text: str, limit: int = 200) -> str:
+    """A safe HTTP header value: one short ASCII line. A skip reason may hold a newline (uvicorn
+    then refuses the whole response: a 500 instead of the base fallback) or an exception's text
+    with server paths; both are cut here, whatever the text's source."""
+    text = _PATH.sub("<path>", text)
+    text = _CONTROL.sub(" ", text).encode("ascii", "replace").decode()
+    return " ".join(text.split())[:limit]
 
 
 class Selector:

@@ -16,15 +16,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from router.index import load_router, read_meta
+from serve.clients import USAGE
+from serve.config import build_serve_config
+from serve.ingress import Service, build_http_app
 from serve.watch import RetrySchedule
 from specialize.jsonl import append_jsonl, read_jsonl, resume_jsonl
 from specialize.registry import load_registry, write_registry
-from tests.test_serve import ask
+from tests import test_router
+from tests.test_router import two_experts, write_reg
+from tests.test_serve import FakeEngine, FakeRouter, ask, oai
 from tests.test_serve import make as make_service
-from tests.test_router import fake_st, two_experts, write_reg  # noqa: F401 - fake_st: fixture
 from tests.test_serve_engine import make_base, publish, start
 
 # --- 1. JSONL: rows are never dropped by a line separator or a torn tail ----------------------
@@ -207,7 +213,7 @@ def test_deleted_registry_keeps_the_experts_and_reports_degraded(experts_root):
 
 
 def test_health_says_degraded_while_the_registry_is_missing():
-    client, engine, router, _ = make_service()
+    client, engine, _, _ = make_service()
     engine.cat["skipped"] = {}
     assert client.get("/health").json()["status"] == "ok"
     engine.cat["registry_problem"] = "registry.json is missing from the experts dir: ..."
@@ -218,6 +224,9 @@ def test_health_says_degraded_while_the_registry_is_missing():
 
 
 # --- 7. a truncated router index is rebuilt, not crash-looped -----------------------------------
+
+fake_st = test_router.fake_st  # the router tests' fixture: encoders by name come out as fakes
+
 
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -246,10 +255,134 @@ def test_serve_refuses_an_experts_dir_that_does_not_exist(tmp_path):
     missing = tmp_path / "nonexistent" / "dir"
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "specialize.cli", "serve", "--experts-dir",
-                          str(missing)], capture_output=True, text=True, timeout=120,
+                          str(missing)], check=False, capture_output=True, text=True,
+                         timeout=120,
                          cwd=Path(__file__).parents[1])
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("selfspec: error: the experts dir") and str(missing) in last
     assert "starting Ray" not in out.stderr and time.monotonic() - t0 < 60
+
+
+# --- 8. header values: one ASCII line, no server paths -----------------------------------------
+
+def test_skip_reason_with_newline_and_path_is_a_safe_header():
+    client, engine, _, _ = make_service()
+    engine.cat["skipped"]["broken"] = (
+        "/srv/selfspec/experts/.versions/broken/v1/adapter would be rejected by vLLM:\n"
+        "  - rank 7 is not one of vLLM's [8, 16]\r\nSet-Cookie: x=y")
+    r = client.post("/v1/chat/completions", json=ask("a broken question"))  # routed to broken
+    assert r.status_code == 200 and r.headers["x-selfspec-expert"] == "base"
+    reason = r.headers["x-selfspec-route-reason"]
+    assert "router chose broken" in reason and "rejected by vLLM" in reason
+    assert "\n" not in reason and "\r" not in reason and "/srv" not in reason
+    assert "set-cookie" not in {k.lower() for k in r.headers}
+
+
+@pytest.mark.parametrize("text,safe", [
+    ("a\r\nb", "a b"), ("tab\there", "tab here"), ("é", "?"),
+    ("cannot read /home/u/experts/x.json: no", "cannot read <path> no"),
+    ("C:\\experts\\law left out", "<path> left out"), ("~/experts gone", "<path> gone"),
+    ("score 0.41/0.40 (.versions/law/v1)", "score 0.41/0.40 (.versions/law/v1)"),
+])
+def test_header_value(text, safe):
+    from serve.selection import header_value
+
+    assert header_value(text) == safe
+
+
+def test_model_name_with_crlf_is_a_404_and_serving_goes_on():
+    client, _, _, _ = make_service()
+    r = client.post("/v1/chat/completions", json=ask("bond", model="law\r\nX-Evil: 1"))
+    assert r.status_code == 404 and "x-evil" not in {k.lower() for k in r.headers}
+    assert client.post("/v1/chat/completions", json=ask("bond")).status_code == 200
+
+
+# --- 9. deeply nested JSON is a 4xx ----------------------------------------------------------
+
+@pytest.mark.parametrize("body", [
+    b"[" * 200_000,  # what gave a 500 against a live server
+    b'{"model": "auto", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    json.dumps(ask("hi") | {"user": "x", "logit_bias": {}}).encode()[:-1] + b', "stop": ' +
+    b"[" * 100 + b"]" * 100 + b"}",
+])
+def test_deeply_nested_json_is_refused_with_400(body):
+    client, engine, _, _ = make_service()
+    r = client.post("/v1/chat/completions", content=body,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "nests JSON more than 64 levels" in r.json()["error"]["message"]
+    assert engine.calls == []
+    assert client.post("/v1/chat/completions", json=ask("bond")).status_code == 200
+
+
+# --- 10. per-request caps and the request timeout ----------------------------------------------
+
+@pytest.mark.parametrize("kind,extra,param,key", [
+    ("chat", {"n": 100_000}, "n", "ingress.max_n"),
+    ("chat", {"max_tokens": 1_000_000}, "max_tokens", "ingress.max_tokens"),
+    ("chat", {"max_completion_tokens": 5000}, "max_completion_tokens", "ingress.max_tokens"),
+    ("completion", {"prompt": ["bond"] * 33}, "prompt", "ingress.max_prompts"),
+    ("completion", {"prompt": [[1, 2]] * 1024}, "prompt", "ingress.max_prompts"),
+    ("completion", {"n": 9}, "n", "ingress.max_n"),
+])
+def test_requests_over_a_cap_are_refused_naming_it(kind, extra, param, key):
+    client, engine, _, _ = make_service()
+    oai_client = oai(client)
+    call = oai_client.chat.completions.create if kind == "chat" else \
+        oai_client.completions.create
+    base = {"messages": [{"role": "user", "content": "bond"}]} if kind == "chat" else \
+        {"prompt": "bond"}
+    with pytest.raises(openai.BadRequestError) as err:
+        call(model="auto", **(base | extra))
+    body = err.value.body
+    assert key in body["message"] and body["param"] == param
+    assert engine.calls == []
+    at_cap = {"n": 8} if "n" in extra else {"max_tokens": 4096} if "max" in param else \
+        {"prompt": ["bond"] * 32}
+    assert call(model="auto", **(base | at_cap)).choices  # the limit itself is allowed
+
+
+def test_caps_come_from_the_ingress_config():
+    client, _, _, _ = make_service(ingress={"max_n": 2, "max_tokens": 10, "max_prompts": 1})
+    r = client.post("/v1/completions", json={"model": "auto", "prompt": ["a", "b"]})
+    assert r.status_code == 400 and "limit of 1 (ingress.max_prompts)" in r.text
+    r = client.post("/v1/chat/completions", json=ask("bond", max_tokens=11))
+    assert r.status_code == 400 and "limit of 10 tokens" in r.text
+    assert client.post("/v1/chat/completions", json=ask("bond", n=2, max_tokens=10)) \
+        .status_code == 200
+
+
+class SlowEngine(FakeEngine):
+    """Answers one piece a second: a request that holds the engine."""
+
+    def __init__(self):
+        super().__init__()
+        self.closed = 0
+
+    async def generate(self, kind, request, expert):
+        try:
+            async for item in super().generate(kind, request, expert):
+                await asyncio.sleep(1.0 if self.calls[-1:] and item[0] != USAGE else 0)
+                yield item
+        finally:
+            self.closed += 1
+
+
+def test_request_timeout_is_a_408_and_streams_end_with_an_error():
+    engine = SlowEngine()
+    service = Service(engine, FakeRouter(),
+                      build_serve_config({"ingress": {"request_timeout_s": 0.3}}))
+    client = TestClient(build_http_app(service))
+    r = client.post("/v1/chat/completions", json=ask("bond"))
+    assert r.status_code == 408
+    assert "ingress.request_timeout_s" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json=ask("bond", stream=True))
+    assert r.status_code == 408  # nothing came in time: still a status, not a stream
+    service.cfg.ingress.request_timeout_s = 1.5  # the first piece comes, the rest is too slow
+    r = client.post("/v1/chat/completions", json=ask("bond", stream=True))
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e]
+    assert "ingress.request_timeout_s" in events[-2] and events[-1] == "data: [DONE]"
+    assert engine.closed == 3  # the engine stopped generating each time
