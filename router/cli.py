@@ -22,8 +22,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help='one JSON object per query: {"expert", "score", "scores", ...}')
     p.add_argument("--eval", nargs="+", type=Path, metavar="FILE.jsonl",
-                   help='labelled queries ({"query", "domain"}; domain "none" for no expert): '
-                   "print accuracy, per-expert precision/recall, write plots to --out")
+                   help='labelled queries ({"query", "domain", "style"?}; domain "none" for no '
+                   "expert): print accuracy, per-expert precision/recall, per style when the "
+                   "queries carry one (seeds/routing_user_dev.jsonl, _test.jsonl), write plots "
+                   "to --out")
     p.add_argument("--experts-dir", type=Path, default=Path("experts"))
     p.add_argument("--encoder", default=None, help="sentence-transformers folder or cached id "
                    "(default: the encoder the index was built with, else all-MiniLM-L6-v2)")
@@ -157,7 +159,10 @@ def _run_eval(args) -> int:
     router = _load(args)
     choices = router.route_batch([it.query for it in items])
     scores = np.array([[c.scores_by_expert[n] for n in router.names] for c in choices])
-    ev = evaluate(router.names, router.thresholds, scores, [it.domain for it in items])
+    offtopic = None if any(c.offtopic_score is None for c in choices) else \
+        np.array([c.offtopic_score for c in choices])
+    ev = evaluate(router.names, router.thresholds, scores, [it.domain for it in items],
+                  [it.style for it in items], offtopic, router.cfg)
     rows = sweep(ev, router.names, router.thresholds)
     args.out.mkdir(parents=True, exist_ok=True)
     cm = confusion_png(ev.metrics, args.out / "route_confusion.png")
