@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from specialize.errors import RegistryError
-from specialize.jsonl import read_jsonl, write_json
+from specialize.jsonl import fsync_dir, fsync_tree, read_jsonl, write_json
 from specialize.registry import (
     ExpertEntry,
     GainInfo,
@@ -80,6 +80,7 @@ def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: 
 
         kept = [r["instruction"] for r in read_jsonl(workdir / "filter" / "kept.jsonl")]
         sample = random.Random(f"{seed}:{name}").sample(kept, min(n_exemplars, len(kept)))
+        fsync_tree(staging)  # on disk before the registry names it (a power cut, not empty files)
         with locked(experts_dir):
             registry = load_registry(experts_dir)
             taken = [int(p.name[1:]) for p in versions.glob("v*") if p.name[1:].isdigit()]
@@ -101,10 +102,12 @@ def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: 
             write_json(staging / "expert.json", entry.model_dump(mode="json"))
             final = versions / f"v{version}"
             os.rename(staging, final)  # atomic: the folder appears complete or not at all
+            fsync_dir(versions)
             registry.experts[name] = entry
             registry.revision += 1
             registry.updated = entry.created
             write_registry(experts_dir, registry)
+            fsync_dir(experts_dir)
             _point_symlink(experts_dir / name, Path(".versions") / name / f"v{version}")
         return entry
     finally:

@@ -386,3 +386,36 @@ def test_request_timeout_is_a_408_and_streams_end_with_an_error():
     events = [e for e in r.text.split("\n\n") if e]
     assert "ingress.request_timeout_s" in events[-2] and events[-1] == "data: [DONE]"
     assert engine.closed == 3  # the engine stopped generating each time
+
+
+# --- 2. a publish is on disk before the registry names it --------------------------------------
+
+def test_publish_fsyncs_every_staged_file_before_the_registry_names_it(tmp_path, monkeypatch):
+    import specialize.jsonl as jsonl_mod
+    import specialize.publish as publish_mod
+    from tests.test_registry import publish as publish_demo
+
+    synced: set[int] = set()  # inodes: a staged file keeps its inode when renamed into place
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.add(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(jsonl_mod.os, "fsync", spy)
+    experts = tmp_path / "experts"
+    seen_at_registry_write = {}
+    real_write_registry = publish_mod.write_registry
+
+    def write_registry(experts_dir, registry):
+        version = experts_dir / registry.experts["demo"].path
+        # what a power cut right now would need on disk: every file and folder of the version
+        seen_at_registry_write["missing"] = [
+            str(p) for p in [version, version.parent, *version.rglob("*")]
+            if p.stat().st_ino not in synced]
+        return real_write_registry(experts_dir, registry)
+
+    monkeypatch.setattr(publish_mod, "write_registry", write_registry)
+    entry = publish_demo(tmp_path / "a", experts)
+    assert entry.version == 1 and seen_at_registry_write["missing"] == []
+    assert experts.stat().st_ino in synced  # the registry's rename too
