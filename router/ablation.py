@@ -1,5 +1,6 @@
 """Why the scoring defaults are what they are: cross-validated top-1 on the exemplars (what chose
-them) beside the routing-set numbers (reported, never used to choose), for each alternative.
+the scoring) and the user-style dev split (what chose the decision, issue 17) beside the shipped
+routing sets and the user-style test split (reported, never used to choose), per alternative.
 
 Embeds the exemplars once and rebuilds the in-memory router per setting (calibration included).
 """
@@ -28,11 +29,21 @@ SETTINGS = [
     ("0.5 top-3 + 0.5 centroid", {"top_k": 3}),
     ("default, negatives p50", {"negative_percentile": 50.0}),
     ("default, negatives p90", {"negative_percentile": 90.0}),
+    # the decision (issue 17): thresholds alone, then the off-topic contrast's settings
+    ("thresholds alone (no off-topic contrast)", {"offtopic_margin": None}),
+    ("off-topic margin 0.03", {"offtopic_margin": 0.03}),
+    ("off-topic margin 0.04", {"offtopic_margin": 0.04}),
+    ("off-topic margin 0.06", {"offtopic_margin": 0.06}),
+    ("off-topic margin 0.08", {"offtopic_margin": 0.08}),
+    ("floor 0.66 x threshold", {"threshold_floor": 0.66}),
+    ("floor 1.0 x threshold", {"threshold_floor": 1.0}),
 ]
 
 
-def ablation(exemplars: dict, descriptions: dict, encoder, query_vectors: np.ndarray,
-             domains: list[str]) -> list[dict]:
+def ablation(exemplars: dict, descriptions: dict, encoder,
+             sets: dict[str, tuple[np.ndarray, list[str]]]) -> list[dict]:
+    """sets: {name: (query vectors, gold domains)}; the first one's numbers are also given at
+    the row's top level (the shipped routing sets, as before issue 17)."""
     from router.route import Router
 
     memo = MemoEncoder(encoder)
@@ -40,8 +51,12 @@ def ablation(exemplars: dict, descriptions: dict, encoder, query_vectors: np.nda
     for label, changes in SETTINGS:
         cfg = replace(ScoringConfig(), **changes)
         r = Router.from_exemplars(exemplars, memo, descriptions=descriptions, cfg=cfg)
-        m = evaluate(r.names, r.thresholds, r.expert_scores(query_vectors), domains).metrics
+        per_set = {}
+        for name, (vectors, domains) in sets.items():
+            m = evaluate(r.names, r.thresholds, r.expert_scores(vectors), domains,
+                         offtopic=r.offtopic_scores(vectors), cfg=r.cfg).metrics
+            per_set[name] = {"top1": m["top1_accuracy"], "routed": m["routed_accuracy"],
+                             "none_recall": m["none_recall"], "overall": m["overall_accuracy"]}
         rows.append({"setting": label, **changes, "cv_top1_exemplars": round(r.info["cv_top1"], 4),
-                     "top1": m["top1_accuracy"], "routed": m["routed_accuracy"],
-                     "none_recall": m["none_recall"], "overall": m["overall_accuracy"]})
+                     **next(iter(per_set.values())), "sets": per_set})
     return rows
