@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from specialize.gain import VALIDATION_FILE, load_validation
 from specialize.generate import generate_instructions
 from specialize.jsonl import write_json
 from specialize.publish import ensure_writable, publish_expert
-from specialize.registry import GainInfo
+from specialize.registry import ExpertEntry, GainInfo, load_registry
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
 from specialize.seeds import Domain, load_domain
@@ -122,17 +123,29 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
     results = []
     for run in runs:
         final = "train2" if cfg.rounds == 2 else "train"
-        summary = _summary(run, final)
-        write_json(run.workdir / "summary.json", summary)
-        write_data_card(_data_card(run, cfg), run.workdir)  # publish copies it beside the adapter
+        # The publish id goes in state.json before publishing and, inside summary.json, into
+        # the published version: a run killed after the registry named the version but before
+        # the work dir was removed (or a Ray task retried) finds it on --resume, instead of
+        # publishing the same adapter again as a new version.
+        publish_id = run.state.setdefault("publish_id", uuid.uuid4().hex)
+        write_json(run.workdir / "state.json", run.state)
+        summary = {**_summary(run, final), "publish_id": publish_id}
         started = time.time()
-        entry = publish_expert(
-            run.domain, experts_dir, run.workdir, run.workdir / final,
-            run.workdir / ("respond2_filter" if cfg.rounds == 2 else "respond_filter") /
-            "train.jsonl", run.state["done"][f"validate_{final}"],
-            run.state["done"][final], cfg.base_model, base_path,
-            cfg.model_dump(mode="json", by_alias=True), cfg.rounds, cfg.router_exemplars,
-            cfg.engine.seed)
+        entry = already_published(experts_dir, run.domain.name, publish_id)
+        if entry is not None:
+            log.warning("%s: published as v%d by an earlier run that stopped before cleaning up;"
+                        " not publishing it again", run.domain.name, entry.version)
+        else:
+            write_json(run.workdir / "summary.json", summary)
+            write_data_card(_data_card(run, cfg), run.workdir)  # publish copies it beside
+            entry = publish_expert(
+                run.domain, experts_dir, run.workdir, run.workdir / final,
+                run.workdir / ("respond2_filter" if cfg.rounds == 2 else "respond_filter") /
+                "train.jsonl", run.state["done"][f"validate_{final}"],
+                run.state["done"][final], cfg.base_model, base_path,
+                cfg.model_dump(mode="json", by_alias=True), cfg.rounds, cfg.router_exemplars,
+                cfg.engine.seed)
+        run.finish("published", {"version": entry.version}, time.time() - started)
         summary["seconds"]["publish"] = round(time.time() - started, 1)
         summary["version"] = entry.version
         summary["path"] = str(experts_dir / entry.path)
@@ -166,6 +179,20 @@ def _preview(runs: list[DomainRun], cfg: SpecializeConfig, stage: str) -> list[d
                     "on_domain_rate": card["on_domain_rate"],
                     "fragment_rate": card["fragment_rate"], "stages": card["stages"]})
     return out
+
+
+def already_published(experts_dir: Path, name: str, publish_id: str) -> ExpertEntry | None:
+    """The registry's current version of `name` if this run published it (its summary.json
+    carries the run's publish id), else None."""
+    entry = load_registry(experts_dir).experts.get(name)
+    if entry is None:
+        return None
+    try:
+        summary = json.loads((experts_dir / entry.path / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(summary, dict) and summary.get("publish_id") == publish_id \
+        else None
 
 
 def rebuild_router_index(experts_dir: Path) -> None:

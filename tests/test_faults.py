@@ -419,3 +419,56 @@ def test_publish_fsyncs_every_staged_file_before_the_registry_names_it(tmp_path,
     entry = publish_demo(tmp_path / "a", experts)
     assert entry.version == 1 and seen_at_registry_write["missing"] == []
     assert experts.stat().st_ino in synced  # the registry's rename too
+
+
+# --- 3. --resume after a kill between publish and cleanup does not publish again -------------
+
+def test_resume_after_a_kill_between_publish_and_cleanup_does_not_republish(
+        tmp_path, monkeypatch):
+    from specialize import pipeline, quality
+    from specialize.pipeline import specialize
+    from tests.conftest import FakeGenerator, write_domain
+    from tests.test_datacard import WordEncoder, _cfg
+
+    write_domain(tmp_path / "seeds", "alpha")
+    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(tmp_path / "seeds"))
+    monkeypatch.setattr(quality, "load_default_encoder", lambda: WordEncoder())  # no model load
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+
+    def train(base_path, cfg, train_file, out, gain_items, gain_cfg):  # no PEFT: seconds
+        (out / "adapter").mkdir(parents=True)
+        (out / "adapter" / "adapter_config.json").write_text("{}")
+        (out / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
+        (out / "loss.json").write_text("[]")
+        (out / "loss.png").write_bytes(b"png")
+        return {"examples": 3, "epochs": 1, "loss_first": 2.0, "loss_last": 1.0}
+
+    monkeypatch.setattr(pipeline, "train_adapter", train)
+    monkeypatch.setattr(pipeline, "validate_adapter", lambda *a: {
+        "rank": 8, "alpha": 16, "target_modules": ["q_proj"]})
+    monkeypatch.setattr(pipeline, "rebuild_router_index", lambda experts_dir: None)
+    real_rmtree = shutil.rmtree
+    cfg = _cfg(tmp_path, tmp_path / "base")
+    workdir = cfg.experts_dir / ".work" / "alpha"
+
+    def killed_at_cleanup(path, *a, **k):
+        if Path(path) == workdir:
+            raise KeyboardInterrupt  # the kill lands after the registry named the version
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(pipeline.shutil, "rmtree", killed_at_cleanup)
+    with pytest.raises(KeyboardInterrupt):
+        specialize(["alpha"], cfg, make_generator=lambda *a, **k: FakeGenerator())
+    assert load_registry(cfg.experts_dir).experts["alpha"].version == 1 and workdir.exists()
+    monkeypatch.setattr(pipeline.shutil, "rmtree", real_rmtree)
+
+    out = specialize(["alpha"], cfg, resume=True, make_generator=lambda *a, **k: FakeGenerator())
+    reg = load_registry(cfg.experts_dir)
+    assert reg.experts["alpha"].version == 1 and reg.revision == 1  # not published again
+    assert out[0]["version"] == 1 and not workdir.exists()
+    assert sorted(p.name for p in (cfg.experts_dir / ".versions" / "alpha").iterdir()) == ["v1"]
+
+    # a later run of the same domain (a new work dir, a new publish id) is a new version
+    specialize(["alpha"], cfg, make_generator=lambda *a, **k: FakeGenerator())
+    assert load_registry(cfg.experts_dir).experts["alpha"].version == 2
