@@ -14,7 +14,7 @@ import pytest
 
 import router.index as index_mod
 from router.baseline import TfidfCentroid
-from router.evaluate import evaluate, summarize
+from router.evaluate import evaluate, format_report, summarize, sweep
 from router.index import ensure_index, load_router, read_meta
 from router.offtopic import OFF_TOPIC
 from router.route import Router
@@ -114,6 +114,64 @@ def test_argmax_is_taken_before_thresholds():
     assert "law scored 0.500 < its threshold 0.600" in c.reason
     [c] = decide(np.array([[0.5, 0.4]]), ["law", "math"], np.array([0.6, 0.3]), offset=-0.2)
     assert c.expert == "law"
+
+
+def test_off_topic_contrast_sets_the_bar():
+    names, thr, cfg = ["law", "math"], np.array([0.5, 0.5]), ScoringConfig()
+    # bar = max(off-topic 0.20 - 0.05, 0.5 x threshold 0.5) = 0.25: law's 0.30 clears it,
+    # where law's threshold alone (0.5) would have sent the query to the base model.
+    [c] = decide(np.array([[0.30, 0.10]]), names, thr, offtopic=np.array([0.20]), cfg=cfg)
+    assert c.expert == "law" and c.threshold == pytest.approx(0.25)
+    assert c.offtopic_score == pytest.approx(0.20) and "off-topic 0.200" in c.reason
+    # nearer the off-topic text than the margin allows: base, with the bar in the reason
+    [c] = decide(np.array([[0.30, 0.10]]), names, thr, offtopic=np.array([0.40]), cfg=cfg)
+    assert c.expert is None and c.threshold == pytest.approx(0.35)
+    assert c.reason.endswith("base model") and "bar 0.350" in c.reason
+    # far from everything: the floor (half the threshold) keeps it on the base model
+    [c] = decide(np.array([[0.20, 0.10]]), names, thr, offtopic=np.array([0.0]), cfg=cfg)
+    assert c.expert is None and c.threshold == pytest.approx(0.25)
+    # no off-topic scores, or the contrast turned off: the threshold alone
+    for off, margin in ((None, 0.05), (np.array([0.2]), None)):
+        [c] = decide(np.array([[0.30, 0.10]]), names, thr, offtopic=off,
+                     cfg=ScoringConfig(offtopic_margin=margin))
+        assert c.expert is None and c.threshold == 0.5 and c.offtopic_score is None
+    # the sweep's offset moves the whole bar
+    [c] = decide(np.array([[0.30, 0.10]]), names, thr, offset=0.06, offtopic=np.array([0.2]),
+                 cfg=cfg)
+    assert c.expert is None and c.threshold == pytest.approx(0.31)
+
+
+def test_query_nearer_off_topic_text_than_its_expert_goes_to_base():
+    table = {"l1": [1, 0, 0], "l2": [0.95, 0.31, 0], "o1": [0, 0, 1], "o2": [0.1, 0, 0.99],
+             "q": [0.6, 0, 0.8]}
+    enc = FakeEncoder(dim=3, table=table)
+    contrasted = Router.from_exemplars({"law": ["l1", "l2"]}, enc, thresholds={"law": 0.3},
+                                       offtopic=["o1", "o2"])
+    choice = contrasted.route("q")
+    assert choice.score > 0.3 and choice.expert is None  # clears the threshold, still base
+    assert choice.offtopic_score > choice.score
+    alone = Router.from_exemplars({"law": ["l1", "l2"]}, enc, thresholds={"law": 0.3},
+                                  offtopic=())
+    assert alone.route("q").expert == "law" and alone.offtopic is None
+    assert "no off-topic contrast" in alone.describe()
+    assert "2 off-topic vectors" in contrasted.describe()
+
+
+def test_off_topic_lines_on_an_experts_topic_are_dropped():
+    experts = {"cook": [f"cook question {i}" for i in range(12)],
+               "math": [f"math question {i}" for i in range(12)]}
+    elsewhere = {"garden fence paint": [0, 0, 0, 0, 0, 1, 0, 0],
+                 "tent pegs": [0, 0, 0, 0, 0, 0, 1, 0]}  # axes no exemplar is on
+    r = Router.from_exemplars(experts, FakeEncoder(table=elsewhere),
+                              thresholds={"cook": 0.5, "math": 0.5},
+                              offtopic=["cook rice tonight", "garden fence paint", "tent pegs"])
+    assert r.info["offtopic"] == {"kept": 2, "dropped": ["cook rice tonight"]}
+    assert r.route("cook a stew").expert == "cook"  # not contrasted with its own topic
+
+
+def test_default_off_topic_text_is_indexed_once():
+    r = Router.from_exemplars(two_experts(), FakeEncoder(), thresholds={"law": .5, "math": .5})
+    assert len(r.offtopic) + len(r.info["offtopic"]["dropped"]) == len(set(OFF_TOPIC))
 
 
 def test_routes_by_domain_and_falls_back_below_threshold():
@@ -271,6 +329,8 @@ def test_reloaded_router_routes_like_the_built_one(tmp_path, fake_st):
     qs = ["law x", "math y", "cook z"]
     assert loaded.route_batch(qs) == built.route_batch(qs)
     assert list(loaded.thresholds) == pytest.approx(list(built.thresholds), abs=1e-6)
+    assert np.array_equal(loaded.offtopic, built.offtopic)  # saved beside the index
+    assert loaded.route("law x").offtopic_score is not None
 
 
 def test_corrupt_meta_is_rebuilt_and_no_experts_is_refused(tmp_path, fake_st):
@@ -304,6 +364,24 @@ def test_summary_numbers():
     assert m["none_recall"] == 0.5 and m["overall_accuracy"] == 0.4
     assert m["per_class"]["law"] == {"precision": 0.5, "recall": 0.5, "support": 2}
     assert m["confusion"] == [[1, 0, 1], [1, 0, 0], [0, 1, 1]]
+
+
+def test_per_style_numbers_and_report():
+    scores = np.array([[0.9, 0.1], [0.2, 0.1], [0.1, 0.8], [0.3, 0.1]])
+    ev = evaluate(["law", "math"], np.array([0.5, 0.5]), scores,
+                  ["law", "law", "math", "none"], ["lay", "story", "lay", "story"])
+    assert ev.predicted == ["law", "none", "math", "none"]
+    assert ev.metrics["per_style"] == {
+        "lay": {"accuracy": 1.0, "n": 2, "routed": 1.0, "none_recall": None},
+        "story": {"accuracy": 0.5, "n": 2, "routed": 0.0, "none_recall": 1.0}}
+    text = format_report(ev.metrics)
+    assert "story            50.0%    0.0%  100.0%     2" in text
+    # decided as the router decides: the off-topic contrast lets the 0.2 story query through
+    ev = evaluate(["law", "math"], np.array([0.3, 0.3]), scores, ["law", "law", "math", "none"],
+                  offtopic=np.array([0.1, 0.1, 0.1, 0.5]), cfg=ScoringConfig())
+    assert ev.predicted == ["law", "law", "math", "none"] and "per_style" not in ev.metrics
+    rows = sweep(ev, ["law", "math"], np.array([0.3, 0.3]), np.array([0.0, 0.2]))
+    assert [r["routed_accuracy"] for r in rows] == [1.0, pytest.approx(2 / 3, abs=1e-4)]
 
 
 def test_domains_without_an_expert_count_as_none():
