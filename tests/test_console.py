@@ -289,3 +289,22 @@ def test_stop_child_ends_the_childs_whole_process_group(tmp_path):
     ps = subprocess.run(["ps", "-o", "pid=", "-g", str(child.pid)], capture_output=True,
                         text=True).stdout.split()
     assert ps == []
+
+
+def test_health_and_models_say_which_experts_are_being_made(tmp_path):
+    from tests.test_serve import make
+
+    client, *_ = make(experts_dir=str(tmp_path))
+    assert client.get("/health").json()["building"] == {}
+    assert client.get("/v1/models").json()["building"] == {}
+    write_build_status(tmp_path, BuildStatus(domains={
+        "math": DomainProgress(state="running", stage="train", elapsed_s=12.0),
+        "law": DomainProgress(state="published"),
+        "biomedicine": DomainProgress(state="queued")}))
+    want = {"math": {"state": "running", "stage": "train", "elapsed_s": 12.0},
+            "biomedicine": {"state": "queued"}}
+    assert client.get("/health").json()["building"] == want
+    models = client.get("/v1/models").json()
+    assert models["building"] == want and "math" not in [m["id"] for m in models["data"]]
+    clear_build_status(tmp_path)  # the run ended
+    assert client.get("/health").json()["building"] == {}

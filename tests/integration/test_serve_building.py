@@ -1,0 +1,78 @@
+"""`selfspec up`'s contract with the live server (the session's one Serve app, conftest
+`serve_app`, polling the registry every second): while a specialize run makes an expert, /health
+and /v1/models say so; once it is published the server lists and serves it without a restart.
+The expert made here is taken out of the registry at the end, so the other serving tests see
+the app as they expect."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.conftest import SERVE_API_KEY
+
+pytestmark = pytest.mark.integration
+AUTH = {"Authorization": f"Bearer {SERVE_API_KEY}"}
+
+
+def get(url: str, path: str) -> dict:
+    return httpx.get(f"{url}{path}", headers=AUTH, timeout=60).json()
+
+
+def wait_for(check, what: str, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+
+
+def test_expert_in_progress_then_served_once_published(serve_app, tiny_model, tmp_path):
+    from specialize.console import Console
+    from specialize.progress import ProgressMonitor
+    from specialize.registry import load_registry, locked, write_registry
+    from tests.integration.tiny_experts import publish_tiny_expert
+
+    url, experts = serve_app
+    # A domain no other test uses: the math seeds under another name.
+    domain = tmp_path / "geometry"
+    domain.mkdir()
+    text = (REPO / "seeds" / "math" / "seeds.yaml").read_text()
+    (domain / "seeds.yaml").write_text(text.replace("domain: math", "domain: geometry", 1))
+    assert "domain: geometry" in (domain / "seeds.yaml").read_text()
+
+    console = io.StringIO()
+    try:
+        with ProgressMonitor(experts, ["geometry"], Console(console, tty=False),
+                             interval_s=0.5):
+            health = get(url, "/health")
+            assert health["building"]["geometry"]["state"] == "running"
+            assert health["building"]["geometry"]["stage"] == "engine start"
+            models = get(url, "/v1/models")
+            assert "geometry" in models["building"]
+            assert "geometry" not in [m["id"] for m in models["data"]]
+
+            publish_tiny_expert(experts, tiny_model, str(domain), seed=13, work=tmp_path)
+            wait_for(lambda: "geometry" in [m["id"] for m in get(url, "/v1/models")["data"]],
+                     "the published expert in /v1/models")
+            # Published: no longer "being made", in either route.
+            wait_for(lambda: get(url, "/health")["building"] == {}, "building emptied")
+            assert get(url, "/v1/models")["building"] == {}
+            r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=120, json={
+                "model": "geometry", "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "area of a circle?"}]})
+            assert r.status_code == 200 and r.json()["model"] == "geometry"
+        assert "geometry: starting the engine" in console.getvalue()
+        assert "ready: geometry" in console.getvalue()
+    finally:
+        with locked(experts):
+            registry = load_registry(experts)
+            if registry.experts.pop("geometry", None) is not None:
+                registry.revision += 1
+                write_registry(experts, registry)
+    wait_for(lambda: "geometry" not in get(url, "/health")["experts"], "geometry removed")
