@@ -150,6 +150,18 @@ def check_adapters(registry: Registry, experts_dir: Path, plan: EnginePlan,
     return out
 
 
+def adapter_signature(entry: ExpertEntry, experts_dir: Path) -> tuple:
+    """What changes when someone fixes an adapter's files: each file's name, size, mode, mtime
+    and ctime (chmod moves ctime). A stat per file: cheap enough to check every poll."""
+    try:
+        folder = adapter_dir(entry, experts_dir)
+        paths = [folder, *sorted(folder.rglob("*"))]
+        return tuple((str(p.relative_to(folder)), st.st_size, st.st_mode, st.st_mtime_ns,
+                      st.st_ctime_ns) for p in paths for st in [p.stat()])
+    except (OSError, SelfspecError) as e:  # unreadable folder: its error is the signature
+        return (type(e).__name__,)
+
+
 def unreadable_reason(entry: ExpertEntry, e: BaseException) -> str:
     """Why an adapter could not be read, naming its folder relative to the experts dir (the
     reason is shown to clients in /health and /v1/models: no server paths)."""

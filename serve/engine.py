@@ -18,7 +18,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from serve.adapters import adapter_dir, check_adapters, plan_engine
+from serve.adapters import adapter_dir, adapter_signature, check_adapters, plan_engine
 from serve.clients import ERROR
 from serve.config import build_serve_config
 from serve.errors import error_body
@@ -45,14 +45,18 @@ class EngineServer:
         self._skipped_as: dict[str, str] = {}  # expert name -> lora_name that failed
         self.revision = -1
         self._lock = asyncio.Lock()
-        self._retries = RetrySchedule()  # adapters that failed to load, tried again later
+        # Adapters that failed to load are tried again once their files change (copied in
+        # full, permissions fixed) or their backoff delay passed (a failure the files do not
+        # show, e.g. an NFS hiccup): a one-off failure must not stick for good.
+        self._retries = RetrySchedule()
+        self._skipped_sig: dict[str, tuple] = {}  # expert name -> its files when it failed
         digest = self.follower.digest
         await self._sync(registry)
         self.follower.mark_applied(digest)
         log.info("engine up: base %s, experts %s, left out %s", self.plan.base_path,
                  sorted(self.loaded), sorted(self.skipped))
         self._watch = start_watch(self.experts_dir, self.cfg.registry_poll_s, self.reload,
-                                  due=self._retries.any_due)
+                                  due=self._retries_due)
         self.pinning = None
         await self._isolate_worker_cpus()
 
@@ -79,13 +83,12 @@ class EngineServer:
                 del self.loaded[name]
             for name in [n for n in self.skipped if n not in registry.experts]:
                 self.skipped.pop(name), self._skipped_as.pop(name, None)
-                self._retries.succeeded(name)
+                self._retries.succeeded(name), self._skipped_sig.pop(name, None)
             serving = {n: e.lora_name for n, e in self.loaded.items()}
-            # New experts, new versions, and failed ones whose retry is due (a one-off failure,
-            # e.g. files still being copied or made readable, must not stick for good).
+            # New experts, new versions, and failed ones whose retry is due.
             todo = [n for n, e in registry.experts.items()
                     if serving.get(n) != e.lora_name and (self._skipped_as.get(n) != e.lora_name
-                                                          or self._retries.due(n))]
+                                                          or self._retry(n, e))]
             verdicts = check_adapters(registry, self.experts_dir, self.plan, names=todo)
             failed = dict(verdicts.skipped)
             for name, entry in verdicts.ok.items():
@@ -97,22 +100,34 @@ class EngineServer:
                     continue
                 self.loaded[name] = entry
                 self.skipped.pop(name, None), self._skipped_as.pop(name, None)
-                self._retries.succeeded(name)
+                self._retries.succeeded(name), self._skipped_sig.pop(name, None)
             for name, why in failed.items():
                 if name not in self.loaded:  # a bad new version keeps the old one serving
                     self.skipped[name] = why
                 self._skipped_as[name] = registry.experts[name].lora_name
                 self._retries.failed(name)
+                self._skipped_sig[name] = adapter_signature(registry.experts[name],
+                                                            self.experts_dir)
             self.revision = registry.revision
 
     async def reload(self) -> dict:
         """Re-read the registry; load what is new. Idempotent and cheap when nothing changed."""
         registry = self.follower.read()  # the last good one if registry.json is gone
         digest = self.follower.digest
-        if self.follower.changed or self._retries.any_due():
+        if self.follower.changed or self._retries_due():
             await self._sync(registry)
             self.follower.mark_applied(digest)
         return self.catalog()
+
+    def _retry(self, name: str, entry: ExpertEntry) -> bool:
+        """Try a failed adapter again: its backoff passed, or its files changed since."""
+        return self._retries.due(name) or \
+            adapter_signature(entry, self.experts_dir) != self._skipped_sig.get(name)
+
+    def _retries_due(self) -> bool:
+        experts = self.follower.registry.experts if self.follower.registry else {}
+        return any(self._retry(n, experts[n]) for n, lora in self._skipped_as.items()
+                   if n in experts and experts[n].lora_name == lora)
 
     def catalog(self) -> dict:
         experts = {name: {"lora_name": e.lora_name, "version": e.version,
@@ -124,6 +139,7 @@ class EngineServer:
                          "max_model_len": getattr(self.backend, "max_model_len", None)},
                 "experts": experts, "skipped": dict(sorted(self.skipped.items())),
                 "revision": self.revision,
+                "registry_problem": self.follower.problem,  # set: serving the last good registry
                 "registry_problem": self.follower.problem,  # set: serving the last good registry
                 # The CPU's instruction set and the dtype the engine computes in (bench reports
                 # copy it: a bf16 run on an AVX2-only CPU is not comparable).

@@ -11,7 +11,7 @@ the last good registry and says why in `problem` (/health reports "degraded"): d
 expert would turn a storage hiccup into an outage.
 
 `RetrySchedule`: when to try again what failed (an adapter the engine could not load, a router
-index it could not build), backing off from seconds to minutes.
+index it could not build), backing off from half a minute to half an hour.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from specialize.registry import REGISTRY_FILE, Registry, RegistryError, load_reg
 
 log = logging.getLogger(__name__)
 
-RETRY_FIRST_S = 10.0  # a one-off failure (a file still being copied) is retried soon
-RETRY_MAX_S = 300.0  # one that keeps failing at most every 5 minutes, not every poll
+# Retries of a failure nothing on disk shows (a storage hiccup); a fixed file is retried at once.
+RETRY_FIRST_S = 30.0
+RETRY_MAX_S = 1800.0  # one that keeps failing at most every 30 minutes, not every poll
 
 
 class RegistryWatch:
@@ -87,7 +88,7 @@ class RegistryFollower:
             self._keep(f"{REGISTRY_FILE} cannot be read ({type(e).__name__})")
         else:
             if self.problem:
-                log.warning("%s is readable again: %s", self.path, "following it")
+                log.warning("%s is back: following it again", self.path)
             self.registry, self.digest, self.problem = registry, digest, None
         return self.registry
 
@@ -111,7 +112,7 @@ class RegistryFollower:
 
 
 class RetrySchedule:
-    """Per key: when a failed attempt is due again (doubling from RETRY_FIRST_S to
+    """Per key: when a failed attempt is due again (the delay doubles from RETRY_FIRST_S up to
     RETRY_MAX_S)."""
 
     def __init__(self, first_s: float = RETRY_FIRST_S, max_s: float = RETRY_MAX_S,

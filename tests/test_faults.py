@@ -144,39 +144,48 @@ def test_unreadable_adapters_are_left_out_and_the_engine_starts(experts_root):
 def test_hot_add_of_an_unreadable_adapter_loads_the_others_and_retries_it(experts_root):
     experts, base = _engine_setup(experts_root)
     server = asyncio.run(start(experts, base))
-    now = [0.0]
-    server._retries.clock = lambda: now[0]
     publish(experts, base, "locked")  # sorted before "math": the sync used to stop there
     _config(experts, "locked").chmod(0o000)
     publish(experts, base, "math")
     with unprivileged():
         cat = asyncio.run(server.reload())
-    assert sorted(cat["experts"]) == ["finance", "math"] and "locked" in cat["skipped"]
+        assert sorted(cat["experts"]) == ["finance", "math"] and "locked" in cat["skipped"]
+        assert not server._retries_due()  # nothing changed: not tried again every poll
+        assert "locked" in asyncio.run(server.reload())["skipped"]
     _config(experts, "locked").chmod(0o644)  # the operator fixes the permissions
     with unprivileged():
-        assert "locked" not in asyncio.run(server.reload())["experts"]  # not due yet
-        now[0] += 11  # past the first retry delay, no registry change needed
+        assert server._retries_due()  # the watch calls reload without a registry change
         cat = asyncio.run(server.reload())
     assert sorted(cat["experts"]) == ["finance", "locked", "math"] and cat["skipped"] == {}
 
 
 def test_one_off_load_failure_is_retried_with_backoff(experts_root):
+    """A failure nothing on disk shows (a storage hiccup): tried again after 30 s, then 60 s..."""
     experts, base = _engine_setup(experts_root)
-    publish(experts, base, "law", corrupt=True)  # the loader refuses it (a half-copied file)
     server = asyncio.run(start(experts, base))
     now = [0.0]
     server._retries = RetrySchedule(clock=lambda: now[0])
-    server._retries.failed("law")  # the start-up failure, on this clock
-    assert "law" in server.catalog()["skipped"]
-    now[0] += 11
-    assert server._retries.due("law")
-    assert "law" in asyncio.run(server.reload())["skipped"]  # retried, fails again
-    assert not server._retries.due("law")
-    now[0] += 11
-    assert not server._retries.due("law")  # the delay doubled to 20 s
-    (experts / ".versions" / "law" / "v1" / "adapter" / "CORRUPT").unlink()  # copy finished
-    now[0] += 10
-    assert "law" in asyncio.run(server.reload())["experts"]
+    real_add, attempts = server.backend.add_adapter, []
+
+    async def flaky(entry, path):
+        attempts.append(entry.name)
+        if len(attempts) <= 2:
+            raise OSError(5, "Input/output error")
+        await real_add(entry, path)
+
+    server.backend.add_adapter = flaky
+    publish(experts, base, "law")
+    assert "law" in asyncio.run(server.reload())["skipped"] and attempts == ["law"]
+    now[0] += 29
+    assert not server._retries_due()
+    now[0] += 2
+    assert server._retries_due()
+    assert "law" in asyncio.run(server.reload())["skipped"] and len(attempts) == 2
+    now[0] += 31
+    assert not server._retries_due()  # the delay doubled to 60 s
+    now[0] += 30
+    assert "law" in asyncio.run(server.reload())["experts"] and len(attempts) == 3
+    assert not server._retries_due()
 
 
 def test_rollback_that_reuses_a_revision_is_applied(experts_root):
