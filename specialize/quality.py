@@ -132,8 +132,12 @@ def wellformed_verdict(instruction: str, verbs: frozenset[str] = TASK_VERBS) -> 
 
 
 def seed_verbs(domain: Domain) -> frozenset[str]:
-    return TASK_VERBS | {_first_word(s.instruction) for s in domain.seeds
-                         if not s.instruction.rstrip().endswith("?")}
+    """The task verbs plus the first word of each seed that is no question: a seed starting
+    "In a cohort study, ..." or "A drug's name ..." adds no verb (lead-ins and function words are
+    left out, else "In there upon." would read as a task)."""
+    firsts = {_first_word(s.instruction) for s in domain.seeds
+              if not s.instruction.rstrip().endswith("?")}
+    return TASK_VERBS | (firsts - LEAD_INS - DANGLING - QUESTION_WORDS)
 
 
 # ---- domain relevance ---------------------------------------------------------------------------

@@ -75,6 +75,15 @@ def test_fragments_and_statements_are_rejected(text, reason):
     assert wellformed_verdict(text).reason == reason
 
 
+def test_seed_first_words_add_verbs_not_function_words(biomedicine):
+    verbs = seed_verbs(biomedicine)
+    assert {"pull", "condense"} <= verbs and not {"a", "in", "from"} & verbs
+    # kept by a run before this fix: only "In there upon." looked like a task
+    text = ("Erectile what. People find their entire body with it. In there upon. Moreover "
+            "were, almost from the way they were seen.")
+    assert wellformed_verdict(text, verbs).reason == "not_a_task"
+
+
 @pytest.mark.parametrize("text", GOOD_BIOMEDICINE + [
     "A drug's name ends in -olol. Which receptor does it most likely block?",
     "With a 6% nominal rate and 2.5% inflation, compute the real rate.",  # "2.5" is no full stop
