@@ -140,7 +140,6 @@ class EngineServer:
                 "experts": experts, "skipped": dict(sorted(self.skipped.items())),
                 "revision": self.revision,
                 "registry_problem": self.follower.problem,  # set: serving the last good registry
-                "registry_problem": self.follower.problem,  # set: serving the last good registry
                 # The CPU's instruction set and the dtype the engine computes in (bench reports
                 # copy it: a bf16 run on an AVX2-only CPU is not comparable).
                 "precision": getattr(self.backend, "precision", None),
