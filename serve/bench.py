@@ -53,8 +53,9 @@ def run_serving_bench(args) -> int:
     with tempfile.TemporaryDirectory(prefix="selfspec-bench-") as tmp:
         experts_dir, synthetic = Path(args.experts_dir), False
         if len(load_registry(experts_dir).experts) < 2:
-            print(f"{experts_dir} has fewer than 2 experts: publishing 2 synthetic ones ...",
-                  file=sys.stderr)
+            # A typo must not pass unnoticed: say the folder is missing, not just "fewer".
+            have = "does not exist" if not experts_dir.is_dir() else "has fewer than 2 experts"
+            print(f"{experts_dir} {have}: publishing 2 synthetic ones ...", file=sys.stderr)
             experts_dir, synthetic = synthetic_registry(Path(tmp)), True
         cfg = resolve_config({"experts_dir": experts_dir, "registry_poll_s": 0,
                               "api_key": KEY,
