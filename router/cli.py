@@ -141,6 +141,9 @@ def _print(choice, router, as_json: bool, verbose: bool) -> None:
         for name, s in sorted(choice.scores_by_expert.items(), key=lambda kv: -kv[1]):
             mark = "  <- chosen" if name == choice.expert else ""
             print(f"  {name:16s} {s:6.3f}  (threshold {thr[name]:.3f}){mark}")
+        if choice.offtopic_score is not None:
+            print(f"  {'off-topic text':16s} {choice.offtopic_score:6.3f}  (generic text that "
+                  "no expert covers: router/offtopic.py)")
 
 
 def _run_eval(args) -> int:
