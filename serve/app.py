@@ -12,6 +12,7 @@ heavy starts here: a bad argument fails in milliseconds, before any replica exis
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from serve.config import ServeConfig, build_serve_config
 from specialize.registry import load_registry
@@ -37,6 +38,33 @@ def require_experts_dir(cfg: ServeConfig) -> None:
         raise ConfigError(f"the experts dir {cfg.experts_dir} does not exist: pass --experts-dir "
                           "with the folder `selfspec specialize` published to, or run "
                           "`selfspec up` to make one")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def refuse_open_exposure(host: str, cfg: ServeConfig, insecure_no_auth: bool) -> None:
+    """Binding beyond this machine with no API key lets anyone on the network use the engine
+    and the admin routes: refused unless asked for in so many words."""
+    from specialize.errors import ConfigError
+
+    if host not in LOOPBACK and not cfg.resolved_api_key() and not insecure_no_auth:
+        raise ConfigError(f"--host {host} serves beyond this machine with no API key: pass "
+                          "--api-key-file FILE (or set $SELFSPEC_API_KEY), or "
+                          "--insecure-no-auth to serve it open anyway")
+
+
+def read_api_key_file(path) -> str:
+    """The API key from a file (first line): unlike --api-key, it does not show in `ps`."""
+    from specialize.errors import ConfigError
+
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the API key file {path}: {e}") from None
+    if not key or not key[0].strip():
+        raise ConfigError(f"the API key file {path} is empty: write the key on its first line")
+    return key[0].strip()
 
 
 def build_app(args: dict | None = None):

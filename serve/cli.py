@@ -65,7 +65,12 @@ def _serve_flags(p) -> None:
     p.add_argument("--port", type=int, default=None, help="default: the config's, else 8000")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 and /admin "
-                   "(default: $SELFSPEC_API_KEY; unset: open)")
+                   "(default: $SELFSPEC_API_KEY; unset: open). Shows in `ps`: prefer "
+                   "--api-key-file or the environment")
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="read the API key from this file's first line")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve on a non-loopback --host with no API key (refused otherwise)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32", "float16"), default=None,
                    help="engine precision (default: the config's engine.dtype, else auto: bf16 "
                    "on GPUs and CPUs with AMX/AVX512-BF16, float32 on other CPUs)")
@@ -104,14 +109,24 @@ def deploy_settings(path: Path | None) -> dict:
             "host": getattr(http, "host", None), "port": getattr(http, "port", None)}
 
 
+def cli_api_key(args) -> str | None:
+    """--api-key-file, else --api-key (else the config's, else $SELFSPEC_API_KEY)."""
+    from serve.app import read_api_key_file
+
+    if getattr(args, "api_key_file", None) is not None:
+        return read_api_key_file(args.api_key_file)
+    return args.api_key
+
+
 def run_serve(args) -> int:
-    from serve.app import require_experts_dir, resolve_config
+    from serve.app import refuse_open_exposure, require_experts_dir, resolve_config
 
     settings = deploy_settings(args.config)
     cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
-                         api_key=args.api_key)
+                         api_key=cli_api_key(args))
     require_experts_dir(cfg)
     host = args.host or settings["host"] or "127.0.0.1"
+    refuse_open_exposure(host, cfg, getattr(args, "insecure_no_auth", False))
     port = args.port or settings["port"] or 8000
     return serve_forever(cfg, host, port, settings["name"], settings["route_prefix"],
                          verbose=getattr(args, "verbose", False))
@@ -244,13 +259,14 @@ def ready_message(url: str, registry, api_key: str | None, health: dict,
 
 
 def run_up(args) -> int:
-    from serve.app import resolve_config
+    from serve.app import refuse_open_exposure, resolve_config
     from serve.up import run_up as up
 
     settings = deploy_settings(args.config)
     cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
-                         api_key=args.api_key)
+                         api_key=cli_api_key(args))
     host = args.host or settings["host"] or "127.0.0.1"
+    refuse_open_exposure(host, cfg, getattr(args, "insecure_no_auth", False))
     port = args.port or settings["port"] or 8000
     return up(args, cfg, host, port, settings["name"], settings["route_prefix"])
 

@@ -481,3 +481,48 @@ def test_resume_after_a_kill_between_publish_and_cleanup_does_not_republish(
     # a later run of the same domain (a new work dir, a new publish id) is a new version
     specialize(["alpha"], cfg, make_generator=lambda *a, **k: FakeGenerator())
     assert load_registry(cfg.experts_dir).experts["alpha"].version == 2
+
+
+# --- 11. exposure: no open server beyond this machine by accident ------------------------------
+
+def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path, monkeypatch):
+    from serve.app import refuse_open_exposure
+    from serve.config import build_serve_config
+    from specialize.errors import ConfigError
+
+    monkeypatch.delenv("SELFSPEC_API_KEY", raising=False)
+    open_cfg = build_serve_config({})
+    for host in ("127.0.0.1", "localhost", "::1"):
+        refuse_open_exposure(host, open_cfg, insecure_no_auth=False)
+    with pytest.raises(ConfigError, match="--host 0.0.0.0 serves beyond this machine"):
+        refuse_open_exposure("0.0.0.0", open_cfg, insecure_no_auth=False)
+    refuse_open_exposure("0.0.0.0", open_cfg, insecure_no_auth=True)
+    refuse_open_exposure("0.0.0.0", build_serve_config({"api_key": "k"}), False)
+    monkeypatch.setenv("SELFSPEC_API_KEY", "from-env")
+    refuse_open_exposure("10.0.0.5", open_cfg, insecure_no_auth=False)
+
+    experts = tmp_path / "experts"
+    experts.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "SELFSPEC_API_KEY"}
+    out = subprocess.run([sys.executable, "-m", "specialize.cli", "serve", "--experts-dir",
+                          str(experts), "--host", "0.0.0.0"], check=False, capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).parents[1], env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--insecure-no-auth" in out.stderr.strip().splitlines()[-1]
+
+
+def test_api_key_from_a_file(tmp_path):
+    from argparse import Namespace
+
+    from serve.cli import cli_api_key
+    from specialize.errors import ConfigError
+
+    key = tmp_path / "key"
+    key.write_text("sk-from-file\n")
+    assert cli_api_key(Namespace(api_key="sk-cli", api_key_file=key)) == "sk-from-file"
+    assert cli_api_key(Namespace(api_key="sk-cli", api_key_file=None)) == "sk-cli"
+    key.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        cli_api_key(Namespace(api_key=None, api_key_file=key))
+    with pytest.raises(ConfigError, match="cannot read the API key file"):
+        cli_api_key(Namespace(api_key=None, api_key_file=tmp_path / "missing"))
