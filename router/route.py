@@ -43,7 +43,11 @@ class Router:
         self.info = info or {}
         # (n, dim) vectors of generic off-topic text: the contrast in scoring.decide (None: off)
         self.offtopic = None if offtopic is None else \
-            np.ascontiguousarray(offtopic, dtype=np.float32).reshape(-1, encoder.dim)
+            np.ascontiguousarray(offtopic, dtype=np.float32)
+        if self.offtopic is not None and (self.offtopic.ndim != 2 or
+                                          self.offtopic.shape[1] != encoder.dim):
+            raise RouterError(f"the off-topic vectors are {self.offtopic.shape} but encoder "
+                              f"{encoder.name} makes {encoder.dim}-dim ones: rebuild the index")
 
     # ---------------------------------------------------------------- construction
     @classmethod

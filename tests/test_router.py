@@ -155,6 +155,8 @@ def test_query_nearer_off_topic_text_than_its_expert_goes_to_base():
     assert alone.route("q").expert == "law" and alone.offtopic is None
     assert "no off-topic contrast" in alone.describe()
     assert "2 off-topic vectors" in contrasted.describe()
+    with pytest.raises(RouterError, match="off-topic vectors are .* rebuild the index"):
+        Router(enc, contrasted.index, ["law"], [0.3], offtopic=np.zeros((2, 5)))
 
 
 def test_off_topic_lines_on_an_experts_topic_are_dropped():
