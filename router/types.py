@@ -44,8 +44,9 @@ class RouteChoice:
 class ScoringConfig:
     """How neighbours become per-expert scores and how thresholds are calibrated.
 
-    Defaults were chosen by 5-fold cross-validation on the shipped seed exemplars only (the
-    routing sets are evaluation data); router/NOTES.md has the tables.
+    The scoring defaults were chosen by 5-fold cross-validation on the shipped seed exemplars
+    only (the routing sets are evaluation data), the off-topic contrast on the user-style dev
+    split (seeds/routing_user_dev.jsonl); router/NOTES.md has the tables.
     """
 
     # score_e = (1 - centroid_weight) * mean(top_k sims to e's exemplars) + centroid_weight *
