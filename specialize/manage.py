@@ -78,7 +78,7 @@ class AddConfig(BaseModel):
     exemplars: Path | None = None
     description: str | None = Field(None, min_length=20)
     base_model: str | None = None  # None: the base the registry's experts use
-    max_lora_rank: int | None = None  # None: what a server started on this registry asks for
+    max_lora_rank: int | None = Field(None, ge=1)  # None: what a server of this registry uses
     data_card: Path | None = None
 
     _check_name = field_validator("name")(lambda cls, v: check_name(v))
