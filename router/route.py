@@ -108,8 +108,10 @@ class Router:
             thr = np.array([thresholds[n] for n in names])
             info["calibration"] = "given"
         index = build_faiss_index(vectors, ids_arr, kind)
+        # every line dropped (an expert for everyday requests): thresholds alone, not a bar of
+        # half the threshold
         return cls(encoder, index, names, thr, cfg, info,
-                   generic_vecs[kept] if generic else None)
+                   generic_vecs[kept] if kept.any() else None)
 
     @classmethod
     def load(cls, experts_dir: str | os.PathLike, encoder: Encoder | str | None = None,

@@ -169,6 +169,10 @@ def test_off_topic_lines_on_an_experts_topic_are_dropped():
                               offtopic=["cook rice tonight", "garden fence paint", "tent pegs"])
     assert r.info["offtopic"] == {"kept": 2, "dropped": ["cook rice tonight"]}
     assert r.route("cook a stew").expert == "cook"  # not contrasted with its own topic
+    everyday = Router.from_exemplars(experts, FakeEncoder(), thresholds={"cook": .5, "math": .5},
+                                     offtopic=["cook rice tonight"])
+    assert everyday.offtopic is None and everyday.info["offtopic"]["kept"] == 0
+    assert everyday.route("cook a stew").threshold == 0.5  # thresholds alone
 
 
 def test_default_off_topic_text_is_indexed_once():
