@@ -13,6 +13,7 @@ one progress line current (rewritten in place on a terminal, printed on change o
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
@@ -201,7 +202,18 @@ def _tee(log_fd: int, terminal: int) -> None:
             with contextlib.suppress(OSError):
                 os.write(terminal, chunk)
 
-    threading.Thread(target=copy, name="log-tee", daemon=True).start()
+    thread = threading.Thread(target=copy, name="log-tee", daemon=True)
+    thread.start()
+
+    def drain() -> None:
+        # At exit the daemon thread would die with lines still in the pipe: close our write
+        # end and give it a moment (children still running keep theirs open).
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+            os.close(2)
+        thread.join(timeout=1.0)
+
+    atexit.register(drain)
 
 
 def catch_interrupts() -> None:
