@@ -98,7 +98,7 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
         load_domain(d)  # an unknown domain or a broken seed file fails now, not in the child
     registry = load_registry(cfg.experts_dir)
     missing = [d for d in wanted if d not in registry.experts]
-    argv = [a for a in getattr(args, "argv", None) or sys.argv[1:]]
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
     console.interrupt_message = lambda: (
         f"interrupted: {kept_summary(cfg.experts_dir, wanted)}; continue with: "
         f"{continue_command(argv, flag=None)}")
@@ -107,6 +107,9 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
         with console.spinner(f"converting the base model {args.base_model} (first run only)"):
             resolve_base_model(args.base_model)
 
+    if cfg.base_model is None and not registry.experts:
+        # Nothing in the registry names the base yet: serve the one the experts will be made of.
+        cfg = cfg.model_copy(update={"base_model": args.base_model})
     server = None
     if not args.no_serve:
         server = start_serving(cfg, host, port, name, prefix, args.verbose,
