@@ -70,8 +70,12 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
             prompts.append((len(demos) + 1, instruction_prompt(domain, demos, focus, cfg,
                                                                generator)))
         first = prompts[0][0]  # every prompt of a batch shows the same number of demos
+        # No per-request seed: vLLM's CPU worker rewinds a seeded request's torch generator when
+        # chunked prefill splits its prompt, which CPU generators cannot do ("CPU Generator does
+        # not use offset" kills the engine). Passage-focused prompts (~800 tokens x 16) are split;
+        # sampling stays reproducible through the engine's seed, the demos through `rng`.
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_tokens=cfg.max_tokens, seed=rng.randrange(2**31),
+                            max_tokens=cfg.max_tokens,
                             stop=("\n\n\n",), regex=instruction_list_regex(
                                 first, cfg.guided_items) if cfg.guided_items else None)
         completions = generator.complete([p for _, p in prompts], sampling)

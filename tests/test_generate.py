@@ -134,3 +134,11 @@ def test_chat_format_wraps_the_request_and_opens_the_next_item(tmp_path, domain)
     # the reply parses exactly like a list completion
     rows = read_jsonl(tmp_path / "generate" / "instructions.jsonl")
     assert rows[0]["instruction"].startswith("Explain t1w0")
+
+
+def test_instruction_requests_carry_no_per_request_seed(tmp_path, domain):
+    # A seeded request that chunked prefill splits crashes vLLM's CPU worker (generate.py).
+    gen = FakeGenerator()
+    generate_instructions(domain, GenerateConfig(num_instructions=3, prompts_per_batch=1),
+                          build_filter(domain, RULES), gen, tmp_path)
+    assert all(call[1].seed is None for call in gen.calls)
