@@ -137,7 +137,7 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
                         " not publishing it again", run.domain.name, entry.version)
         else:
             write_json(run.workdir / "summary.json", summary)
-            write_data_card(_data_card(run, cfg), run.workdir)  # publish copies it beside
+            write_data_card(_data_card(run, cfg), run.workdir)  # publish copies it along
             entry = publish_expert(
                 run.domain, experts_dir, run.workdir, run.workdir / final,
                 run.workdir / ("respond2_filter" if cfg.rounds == 2 else "respond_filter") /
