@@ -273,6 +273,74 @@ def test_engine_core_naps_instead_of_spinning_after_a_request(serve_app, client)
     assert sum(core[0].cpu_times()[:2]) - before < 0.4
 
 
+def test_hostile_requests_get_4xx_and_the_server_keeps_serving(serve_app, client):
+    """Issue 18: deep JSON, huge n, too many prompts, CR/LF in the model name: each a 4xx that
+    says what was wrong, and the next ordinary request is answered."""
+    url, _ = serve_app
+    auth = {"Authorization": f"Bearer {SERVE_API_KEY}", "Content-Type": "application/json"}
+    cases = [
+        ("chat/completions", b"[" * 200_000, 400, "nests JSON"),  # was a 500
+        ("chat/completions", json.dumps(chat("x") | {"n": 16384}).encode(), 400, "ingress.max_n"),
+        ("chat/completions", json.dumps(chat("x") | {"max_tokens": 10**6}).encode(), 400,
+         "ingress.max_tokens"),
+        ("completions", json.dumps({"model": "law", "prompt": ["x"] * 1024}).encode(), 400,
+         "ingress.max_prompts"),
+        ("chat/completions", json.dumps(chat("x", model="law\r\nX-Evil: 1")).encode(), 404,
+         "does not exist"),
+    ]
+    with httpx.Client(timeout=60) as h:
+        for path, body, status, needle in cases:
+            r = h.post(f"{url}/v1/{path}", content=body, headers=auth)
+            assert r.status_code == status, (body[:60], r.status_code, r.text[:300])
+            assert needle in r.json()["error"]["message"] and "x-evil" not in r.headers
+    assert client.chat.completions.create(**chat("what is a tort?", model="law")).model == "law"
+
+
+def test_route_headers_are_safe_when_the_router_picks_a_left_out_expert(serve_app):
+    """The corrupt biomedicine expert's skip reason holds vLLM's exception text (server paths,
+    perhaps newlines); a query routed to it gets the base model and a clean header, not a 500."""
+    url, experts = serve_app
+    auth = {"Authorization": f"Bearer {SERVE_API_KEY}"}
+    for q in queries("biomedicine", 3):
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat(q), headers=auth, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        for name, value in r.headers.items():
+            if name.startswith("x-selfspec"):
+                assert str(experts) not in value and "\n" not in value, (name, value)
+
+
+def test_deleted_registry_keeps_the_experts_answering_and_health_degraded(serve_app, client):
+    """A lost mount or a mistaken rm of registry.json: every replica keeps the last good
+    registry, /health says degraded and why, and the experts keep answering."""
+    url, experts = serve_app
+    registry, aside = experts / "registry.json", experts.parent / "registry.json.aside"
+    before = httpx.get(f"{url}/health").json()
+    assert before["registry_problem"] is None
+    registry.rename(aside)
+    try:
+        deadline, h = time.time() + 30, before  # the watch polls every second
+        while time.time() < deadline and not h.get("registry_problem"):
+            time.sleep(1)
+            h = httpx.get(f"{url}/health").json()
+        assert h["status"] == "degraded" and "registry.json is missing" in h["registry_problem"]
+        assert h["experts"] == before["experts"]
+        assert str(experts) not in h["registry_problem"]
+        time.sleep(2)  # a few more polls: still nothing dropped
+        assert client.chat.completions.create(**chat("what is a tort?", model="law")).model \
+            == "law"
+        raw = client.chat.completions.with_raw_response.create(**chat(queries("finance", 1)[0]))
+        assert raw.headers["x-selfspec-selection"] == "routed" and raw.parse().choices
+        assert [m.id for m in client.models.list().data] == \
+            ["auto", "base", *before["experts"]]
+    finally:
+        aside.rename(registry)
+    deadline = time.time() + 30
+    while time.time() < deadline and httpx.get(f"{url}/health").json()["registry_problem"]:
+        time.sleep(1)
+    after = httpx.get(f"{url}/health").json()
+    assert after["registry_problem"] is None and after["experts"] == before["experts"]
+
+
 def test_hot_add_without_restart(serve_app, client, tiny_model, tmp_path):
     from tests.integration.tiny_experts import publish_tiny_expert
 
