@@ -50,9 +50,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return _parse(path)[0]
 
 
+def _line(row) -> str:
+    """One row as a line; the separators other tools split lines on are escaped too (only a
+    JSON string can hold them, where an escape means the same)."""
+    text = json.dumps(row, ensure_ascii=False)
+    for ch in ("\u2028", "\u2029", "\x85"):
+        text = text.replace(ch, f"\\u{ord(ch):04x}")
+    return text + "\n"
+
+
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    data = "".join(_line(r) for r in rows)
     with open(path, "a", encoding="utf-8") as f:
         f.write(data)
         f.flush()
@@ -94,7 +103,7 @@ def fsync_tree(root: Path) -> None:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    _replace(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _replace(path, "".join(_line(r) for r in rows))
 
 
 def write_json(path: Path, obj) -> None:

@@ -40,11 +40,15 @@ def test_jsonl_keeps_rows_after_a_unicode_line_separator(tmp_path):
     path = tmp_path / "responses.jsonl"
     rows = [{"id": 0, "response": "a\u2028b"}, {"id": 1, "response": "c\u2029d\x85e"},
             {"id": 2, "response": "after"}]
-    append_jsonl(path, rows)
-    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, as json.dumps does
+    # raw, as json.dumps(ensure_ascii=False) wrote them (files made before the writer escaped)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
     assert read_jsonl(path) == rows
     assert resume_jsonl(path) == rows
     assert read_jsonl(path) == rows  # resume did not rewrite the file without them
+    append_jsonl(path, [{"id": 3, "response": "d\u2028e"}])
+    assert read_jsonl(path)[-1] == {"id": 3, "response": "d\u2028e"}
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 3 + 3 + 1  # the new row: one
 
 
 def test_jsonl_torn_inside_a_multibyte_character_resumes(tmp_path):
