@@ -70,6 +70,7 @@ def test_the_set_is_never_indexed(splits):
     queries = {it.query for s in USER_SPLITS for it in splits[s]}
     exemplars, descriptions = seed_exemplars()
     assert not queries & {t for texts in exemplars.values() for t in texts}
+    assert not queries & set(descriptions.values())
     assert not queries & set(OFF_TOPIC)
 
 
