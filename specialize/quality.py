@@ -223,7 +223,9 @@ PERPLEXITY_PREFIX = "Task: "  # gives the first word of the task a context to be
 
 def instruction_perplexities(generator, texts: Sequence[str]) -> list[float]:
     """Mean per-token negative log-likelihood (nats) of each text under the base model, from one
-    vLLM batch with prompt logprobs (the engine evaluation scores with; no second model)."""
+    vLLM batch with prompt logprobs (the engine evaluation scores with; no second model).
+    The generation engine has no LoRA: vLLM 0.32's CPU LoRA logits wrapper (an engine started
+    with LoRA and no explicit target list) crashes on prompt logprobs."""
     from specialize.engine import TokenRequest
 
     tok = generator.tokenizer

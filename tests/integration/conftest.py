@@ -50,13 +50,6 @@ class Shared:
     def chat_prompt(self, user):
         return self.engine.chat_prompt(user)
 
-    def complete_tokens(self, requests):  # prompt logprobs: the filter's perplexity check
-        return self.engine.complete_tokens(requests)
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
     def close(self):
         pass
 

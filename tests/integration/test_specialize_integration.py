@@ -24,7 +24,9 @@ def tiny_config(experts_dir: Path, base: Path, **over) -> object:
         "generate": {"num_instructions": 8, "prompts_per_batch": 4, "max_tokens": 160,
                      "guided_items": 3},
         # A random model writes noise that these rightly reject (see
-        # test_meaning_filters_reject_a_random_model_s_noise); the perplexity check stays on.
+        # test_meaning_filters_reject_a_random_model_s_noise). The perplexity check stays on;
+        # it runs where the pipeline builds its own engine (the shared one has LoRA on, and has
+        # no prompt logprobs then: see test_stop_after_previews_the_data_and_resumes).
         "filter": {"wellformed": False, "relevance": False},
         # Greedy, a random model loops on "\n" (rightly rejected as empty): sample instead.
         "respond": {"max_tokens": 24, "batch_size": 4, "top_k": 1, "temperature": 1.0},
@@ -211,13 +213,14 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, tiny_model, engine
 
 
 def test_stop_after_previews_the_data_and_resumes(tmp_path, tiny_model, engine):
-    """--stop-after respond: answers written, nothing trained, the card in the work dir; the real
-    engine scored every candidate's perplexity; --resume then trains and publishes the card."""
+    """--stop-after respond: answers written, nothing trained, the card in the work dir; the
+    pipeline's own engine (no LoRA, as in a real run) scored every candidate's perplexity;
+    --resume then trains and publishes the card."""
     from tests.integration.conftest import Shared
 
     experts = tmp_path / "experts"
     cfg = tiny_config(experts, tiny_model, generate={"num_instructions": 4})
-    out = specialize(["math"], cfg, make_generator=Shared(engine), stop_after="respond")
+    out = specialize(["math"], cfg, stop_after="respond")
     work = experts / ".work" / "math"
     assert list(json.loads((work / "state.json").read_text())["done"]) == [
         "generate", "filter", "respond"]
