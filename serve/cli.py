@@ -150,6 +150,7 @@ def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
         if server.url is None:
             return 1
         print(ready_message(server.url, registry, cfg.api_key, _health(server.url)), flush=True)
+        console.quiet_stdout()
         while True:
             time.sleep(3600)
     finally:

@@ -28,8 +28,10 @@ from pathlib import Path
 
 # The child's CPU priority: serving answers first, specialization takes the idle cycles.
 NICENESS = 10
-# How long a child gets to save its work after SIGINT before its process group is killed.
-CHILD_GRACE_S = 60.0
+# How long a child gets to exit after SIGINT before its process group is killed. Its files are
+# written per batch, so a kill loses one batch at most; a vLLM engine caught mid-start can take
+# minutes to notice (seen on a loaded 2-core machine), and the user is waiting.
+CHILD_GRACE_S = 20.0
 POLL_S = 1.0
 
 
@@ -88,6 +90,7 @@ def served_models(url: str, api_key: str | None) -> list[str] | None:
 def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
     from serve.cli import _health, ready_message, start_serving
     from specialize.base_model import BUILTIN, cache_root, resolve_base_model
+    from specialize.build_status import clear_build_status
     from specialize.console import console
     from specialize.progress import continue_command, kept_summary
     from specialize.registry import load_registry
@@ -122,6 +125,7 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
         if server is not None:
             print(ready_message(server.url, registry, cfg.api_key, _health(server.url),
                                 building=missing), flush=True)
+            console.quiet_stdout()
         if not missing:
             console.say(f"registry {cfg.experts_dir} already has {', '.join(wanted)}")
         else:
@@ -142,6 +146,7 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
         if child is not None:
             console.end_status()
             stop_child(child)
+            clear_build_status(cfg.experts_dir)  # a killed child could not: nothing is coming
         if server is not None:
             server.stop()
 

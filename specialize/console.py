@@ -54,6 +54,7 @@ class Console:
         self.interrupt_message: Callable[[], str] | None = None
         self.interrupted = False
         self.log_path: Path | None = None  # where route_output() sends descriptor 2
+        self.verbose = False
 
     @property
     def stream(self) -> TextIO:
@@ -102,6 +103,15 @@ class Console:
                 self._key, self._printed_at, self._line = key, now, line
                 self.stream.write(line + "\n")
                 self.stream.flush()
+
+    def quiet_stdout(self) -> None:
+        """Once a server printed its ready message, its stdout has nothing more for the user,
+        but Ray's driver still prints there (e.g. `(raylet) Task ... failed` at shutdown):
+        send descriptor 1 to the log too. Only when routed and not verbose."""
+        if self.log_path is None or self.verbose:
+            return
+        sys.stdout.flush()
+        os.dup2(2, 1)
 
     def end_status(self) -> None:
         with self._lock:
@@ -166,7 +176,7 @@ def route_output(command: str, verbose: bool) -> Path:
         os.dup2(log_fd, 2)
         os.close(log_fd)
     console.stream = os.fdopen(terminal, "w", buffering=1, encoding="utf-8", errors="replace")
-    console.log_path = path
+    console.log_path, console.verbose = path, verbose
 
     # vLLM logs to stdout unless told otherwise; its INFO lines are worth keeping in the log.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

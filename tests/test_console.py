@@ -191,6 +191,8 @@ ROUTE = textwrap.dedent("""
     warnings.warn("a python warning")
     console.say("progress line")
     print("result on stdout")
+    console.quiet_stdout()  # a server printed its ready message: Ray's prints go to the log
+    print("(raylet) Task failed", flush=True)
 """)
 
 
@@ -204,7 +206,8 @@ def test_engine_noise_goes_to_the_log_file_and_verbose_tees_it(tmp_path, verbose
     text = log.read_text()
     noise = ("engine core noise", "triton noise from C", "vllm warning", "a python warning")
     assert all(n in text for n in noise) and "our own warning" in text
-    assert proc.stdout == "result on stdout\n"
+    assert proc.stdout == "result on stdout\n" + ("(raylet) Task failed\n" if verbose else "")
+    assert ("(raylet) Task failed" in text) != verbose
     assert f"log: {log}" in proc.stderr and "progress line" in proc.stderr
     assert "our own warning" in proc.stderr
     assert all((n in proc.stderr) == verbose for n in noise), proc.stderr
