@@ -318,3 +318,34 @@ def test_health_and_models_say_which_experts_are_being_made(tmp_path):
     assert models["building"] == want and "math" not in [m["id"] for m in models["data"]]
     clear_build_status(tmp_path)  # the run ended
     assert client.get("/health").json()["building"] == {}
+
+
+def test_up_shows_the_childs_progress_and_each_expert_the_server_gains(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from serve import up
+    from specialize.console import console
+
+    write_build_status(tmp_path, BuildStatus(domains={
+        "law": DomainProgress(state="running", stage="respond", done=3, total=8, eta_s=20.0),
+        "math": DomainProgress(state="queued")}))
+    served = iter([["auto", "base"], ["auto", "base", "law"]])
+    monkeypatch.setattr(up, "served_models", lambda url, key: next(served, ["law", "math"]))
+    monkeypatch.setattr(up, "POLL_S", 0.05)
+    clock = iter(range(0, 10_000, 6))  # each look at the clock is 6 s later: /v1/models each poll
+    monkeypatch.setattr(up, "time", SimpleNamespace(monotonic=lambda: next(clock),
+                                                    sleep=time.sleep))
+    out = io.StringIO()
+    monkeypatch.setattr(console, "_stream", out)
+    monkeypatch.setattr(console, "_tty", False)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    cfg = SimpleNamespace(experts_dir=tmp_path, api_key=None)
+    assert up.watch_child(child, cfg, "http://x", ["law", "math"]) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "law: answers 3/8, 20 s left | next: math"
+    assert "now serving law: model='law', and auto routes to it" in lines
+    assert lines[-1].startswith("all experts made: law, math")
+
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert up.watch_child(failing, cfg, None, ["law"]) == 1
+    assert "specialization stopped with exit 3" in out.getvalue().splitlines()[-1]
