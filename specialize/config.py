@@ -168,9 +168,6 @@ class GainConfig(_Config):
 
     enabled: bool = True
     max_items: int | None = Field(None, ge=1, description="None: every validation item")
-    # Sequences per forward pass: the logits of a 49K vocabulary over 8 x ~150 tokens take
-    # ~0.25 GB in fp32.
-    batch_size: int = Field(8, ge=1)
     resamples: int = Field(1000, ge=100)
 
 

@@ -1,5 +1,5 @@
 """The validation gain (specialize/gain.py) on a tiny random Llama with a real PEFT adapter: the
-batched likelihoods equal one-at-a-time ones, the adapter-off pass is the base model, and an
+shared-context likelihoods equal whole-sequence ones, the adapter-off pass is the base model, and an
 expert is measured better exactly where the answers are the ones it prefers."""
 
 from __future__ import annotations
@@ -79,11 +79,14 @@ def reference_loglik(model, ctx, cont) -> float:
     return float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
 
 
-def test_batched_logliks_equal_one_at_a_time(peft_model):
+def test_shared_context_logliks_equal_one_sequence_at_a_time(peft_model):
     model, tok, _ = peft_model
+    opts = [o for o in OPTIONS[:4]]
+    opts[3] = opts[3] + ["The supreme court of the whole land"]  # rows of different lengths
     pairs = [(chat_ids(tok, q), tuple(tok.encode(o, add_special_tokens=False)))
-             for q, opts in zip(QUESTIONS[:4], OPTIONS) for o in opts[:2]]
-    got = continuation_logliks(model, pairs, batch_size=3)  # padded, mixed lengths
+             for q, group in zip(QUESTIONS[:4], opts) for o in group]
+    assert len({len(c) for _, c in pairs}) >= 3  # 1-token and longer continuations, padded
+    got = continuation_logliks(model, pairs)  # each context once, its KV cache for both options
     want = [reference_loglik(model, c, t) for c, t in pairs]
     assert got == pytest.approx(want, abs=1e-3)
     assert all(v < 0 for v in got)
@@ -95,7 +98,7 @@ def preferred_answers(model, tok) -> list[str]:
     answers = []
     for it in probe:
         for cand in (["A", "B", "C", "D"] if it.type == "multiple_choice" else ["yes", "no"]):
-            if score_items(model, tok, [it.model_copy(update={"answer": cand})], 4) == [1.0]:
+            if score_items(model, tok, [it.model_copy(update={"answer": cand})]) == [1.0]:
                 answers.append(cand)
                 break
     assert len(answers) == len(probe)
