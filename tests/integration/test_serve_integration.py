@@ -52,6 +52,10 @@ def test_auto_routes_with_decision_headers(client, local_router):
         assert raw.headers["x-selfspec-expert"] == (want.expert or "base") == r.model
         assert raw.headers["x-selfspec-selection"] == "routed"
         assert abs(float(raw.headers["x-selfspec-route-score"]) - want.score) < 1e-3
+        if want.expert in ("finance", "law"):  # finance has a measured gain, law none
+            assert raw.headers["x-selfspec-route-gain"] == {
+                "finance": "finance diff=+0.100 ci=+0.020..+0.180 p=0.01 n=64",
+                "law": "law unmeasured"}[want.expert]
         assert r.choices[0].message.content and r.usage.completion_tokens >= 1
 
 
@@ -135,6 +139,10 @@ def test_models_and_health_report_the_corrupt_adapter(serve_app, client):
     assert "biomedicine" not in models
     from specialize.seeds import load_domain
     assert models["finance"]["description"] == load_domain("finance").description
+    # each expert's measured gain over the base (None: unmeasured) and the rule auto applies
+    from tests.integration.tiny_experts import TINY_GAINS
+    assert models["finance"]["gain"] == TINY_GAINS["finance"] and models["law"]["gain"] is None
+    assert models["auto"]["require_gain"] == "on"
     h = httpx.get(f"{url}/health").json()
     assert h["status"] == "degraded" and set(h["experts"]) >= {"finance", "law"}
     assert "could not load" in h["skipped"]["biomedicine"]
