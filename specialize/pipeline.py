@@ -29,6 +29,7 @@ from specialize.gain import VALIDATION_FILE, load_validation
 from specialize.generate import generate_instructions
 from specialize.jsonl import write_json
 from specialize.publish import ensure_writable, publish_expert
+from specialize.registry import GainInfo
 from specialize.registry import ExpertEntry, GainInfo, load_registry
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
@@ -319,7 +320,7 @@ def _summary(run: DomainRun, final: str) -> dict:
             "train_examples": done[final]["examples"],
             "rejected_responses": done["respond_filter"]["rejected"],
             "loss_first": done[final]["loss_first"], "loss_last": done[final]["loss_last"],
-            "gain": done[final].get("gain"),
+            "gain": done[final].get("gain"), "gain_seconds": done[final].get("gain_seconds"),
             "seconds": dict(run.state["seconds"])}
 
 
