@@ -160,7 +160,8 @@ class ProgressMonitor:
                 log.debug("progress refresh failed", exc_info=True)
 
     def __enter__(self):
-        self.refresh()
+        # The first refresh waits one interval: bad input fails in milliseconds, and its one
+        # error line must not follow a progress line (or leave a status file behind).
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._thread.start()
         return self
@@ -170,7 +171,10 @@ class ProgressMonitor:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.console.end_status()
-        clear_build_status(self.experts_dir)
+        try:
+            clear_build_status(self.experts_dir)
+        except OSError:
+            pass  # no experts dir (the run was refused): nothing to clear
 
 
 def _read_done(workdir: Path) -> dict | None:

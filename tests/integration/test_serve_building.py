@@ -50,7 +50,9 @@ def test_expert_in_progress_then_served_once_published(serve_app, tiny_model, tm
     try:
         with ProgressMonitor(experts, ["geometry"], Console(console, tty=False),
                              interval_s=0.5):
-            health = get(url, "/health")
+            # The monitor's first write comes one interval after the run starts.
+            health = wait_for(lambda: (h := get(url, "/health"))["building"] and h,
+                              "geometry reported as being made", timeout_s=30)
             assert health["building"]["geometry"]["state"] == "running"
             assert health["building"]["geometry"]["stage"] == "engine start"
             models = get(url, "/v1/models")
