@@ -182,3 +182,18 @@ def test_a_bad_validation_file_fails_before_any_model(tmp_path):
                                              '"answer": "maybe"}\n')
     with pytest.raises(SeedError, match="validation.jsonl:1"):
         load_validation(load_domain(str(folder)), GainConfig())
+
+
+def test_the_run_summary_shows_each_experts_gain():
+    from specialize.pipeline import format_summary
+
+    row = {"domain": "law", "version": 1, "candidates": 10, "kept_instructions": 8,
+           "train_examples": 8, "loss_first": 2.0, "loss_last": 1.0,
+           "rejected_instructions": {}, "rejected_responses": {}, "seconds": {"train": 1.0}}
+    gain = {"metric": "validation_score", "expert": 0.4, "base": 0.45, "diff": -0.05,
+            "ci": [-0.12, 0.02], "p_not_better": 0.93, "n": 64}
+    text = format_summary([{**row, "gain": gain}, {**row, "domain": "math", "gain": None}])
+    assert "law          -0.050 vs base on validation (95% CI -0.120..+0.020, p 0.93, n 64)" \
+        in text
+    assert "math         not measured" in text
+    assert "validation" not in format_summary([{**row, "gain": None}])
