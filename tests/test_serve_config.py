@@ -244,8 +244,9 @@ def test_up_serves_first_then_specializes_only_what_is_missing(tmp_path, monkeyp
     from specialize.cli import main
     assert main(["up", "--experts-dir", str(tmp_path), "--domains", "law", "finance",
                  "--port", "9001", "--base-model", str(tmp_path)]) == 130
-    serve, (child, cmd), watch, stop = calls
+    serve, (what, cmd), watch, stop = calls
     assert serve == ("serve", tmp_path.resolve(), "127.0.0.1", 9001, "selfspec", 1)
+    assert what == "child"  # after the server is up
     # Only the missing domain, each published as soon as it is ready, at a lower priority.
     assert cmd[cmd.index("specialize", 3):] == [
         "specialize", "finance", "--experts-dir", str(tmp_path.resolve()), "--base-model",
