@@ -71,6 +71,12 @@ def test_pipeline_publishes_a_complete_expert(published, tiny_model):
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and not cfg.get("modules_to_save")
     assert not (experts / ".work" / "math").exists()  # work dir cleaned after publish
     assert results[0]["kept_instructions"] == 8
+    # the published adapter (round 2) scored against the base on seeds/math/validation.jsonl
+    from specialize.config import GainConfig
+    from specialize.gain import load_validation
+    from specialize.seeds import load_domain
+    assert entry.gain is not None and results[0]["gain"] == entry.gain.model_dump()
+    assert entry.gain.n == len(load_validation(load_domain("math"), GainConfig()))
     loss = json.loads((version / "loss.json").read_text())
     assert len(loss) >= 2 and all(r["loss"] > 0 for r in loss)
 
