@@ -221,10 +221,12 @@ def kept_summary(experts_dir: Path, domains: list[str]) -> str:
                 ready.append(name)
             continue
         stage = next_stage(done)
-        files = {"generate": "generate/instructions.jsonl", "respond": "respond/responses.jsonl",
-                 "respond2": "respond2/responses.jsonl"}
-        count = _count_lines(workdir / files[stage]) if stage in files else 0
-        what = f"{count} {LABELS[stage]}" if count else f"at {LABELS[stage]}"
+        files = {"generate": ("generate/instructions.jsonl", "candidate instructions"),
+                 "respond": ("respond/responses.jsonl", "answers"),
+                 "respond2": ("respond2/responses.jsonl", "answers (round 2)")}
+        path, noun = files.get(stage, (None, ""))
+        count = _count_lines(workdir / path) if path else 0
+        what = f"{count} {noun}" if count else f"at {LABELS[stage]}"
         partial.append(f"{name} ({what})")
     bits = []
     if ready:
