@@ -106,7 +106,8 @@ def test_startup_loads_good_adapters_and_reports_bad_ones(setup):
     cat = server.catalog()
     assert sorted(cat["experts"]) == ["finance", "law"]
     assert cat["experts"]["law"] == {"lora_name": "law@v1", "version": 1,
-                                     "description": "law things", "rank": 8}
+                                     "description": "law things", "rank": 8,
+                                     "gain": None}  # published without a validation gain
     assert sorted(cat["skipped"]) == ["alien", "broken", "odd"]
     assert "could not load" in cat["skipped"]["broken"]
     assert "rank 7" in cat["skipped"]["odd"]
