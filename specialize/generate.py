@@ -1,13 +1,14 @@
 """Stage 1: the base model writes new domain instructions.
 
 Each prompt shows `seeds_per_prompt` sampled seeds (optionally plus a few already-kept generated
-ones, as Self-Instruct did) and lets the model continue the numbered list at temperature 1.0,
-top-p 0.98. A prompt may be focused on one subtopic of the description or one passage of the
-domain's corpus, and sent as plain text or as a chat turn (`GenerateConfig.focus`,
-`prompt_format`; `selfspec ablate` measures each). Batches of prompts go through vLLM together; every candidate is appended to
-`generate/instructions.jsonl` and fsynced per batch, so an interrupted run resumes where it
-stopped. Generation ends once the filter has kept `num_instructions`, or when `patience` batches
-in a row add nothing (a small model stuck on duplicates), or after `max_batches`.
+ones, as Self-Instruct did) and lets the model continue the numbered list at temperature 0.7
+(Self-MoE used 1.0; docs/quality.md measured both), top-p 0.98. A prompt may be focused on one
+subtopic of the description or one passage of the domain's corpus, and sent as plain text or as
+a chat turn (`GenerateConfig.focus`, `prompt_format`; `selfspec ablate` measures each). Batches of
+prompts go through vLLM together; every candidate is appended to `generate/instructions.jsonl`
+and fsynced per batch, so an interrupted run resumes where it stopped. Generation ends once the
+filter has kept `num_instructions`, or when `patience` batches in a row add nothing (a small model
+stuck on duplicates), or after `max_batches`.
 """
 
 from __future__ import annotations

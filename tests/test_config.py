@@ -7,7 +7,7 @@ from specialize.errors import ConfigError
 def test_defaults_are_valid_and_sized_for_cpu():
     cfg = build_config()
     assert cfg.train.rank == 8 and cfg.train.alpha == 16 and cfg.validate_.max_lora_rank == 16
-    assert cfg.generate.temperature == 1.0 and cfg.generate.top_p == 0.98
+    assert cfg.generate.temperature == 0.7 and cfg.generate.top_p == 0.98
 
 
 def test_rank_not_servable():

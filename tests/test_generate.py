@@ -29,7 +29,7 @@ def test_generates_until_target_kept(tmp_path, domain):
     res = generate_instructions(domain, cfg, build_filter(domain, RULES), gen, tmp_path)
     assert res["stopped"] == "target" and res["kept"] >= 10
     sampling = gen.calls[0][1]
-    assert (sampling.temperature, sampling.top_p) == (1.0, 0.98)
+    assert (sampling.temperature, sampling.top_p) == (0.7, 0.98)
     assert sampling.regex and sampling.regex.startswith(" ")  # guided list format
     summary = filter_instructions(domain, RULES, 10, tmp_path)
     assert summary["kept"] == 10
