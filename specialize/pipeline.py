@@ -29,7 +29,6 @@ from specialize.gain import VALIDATION_FILE, load_validation
 from specialize.generate import generate_instructions
 from specialize.jsonl import write_json
 from specialize.publish import ensure_writable, publish_expert
-from specialize.registry import GainInfo
 from specialize.registry import ExpertEntry, GainInfo, load_registry
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
