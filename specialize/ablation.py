@@ -27,9 +27,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator
 
-from specialize.config import FilterConfig, SpecializeConfig, _Config, build_config
+from specialize.ablation_config import (  # noqa: F401 - SETTINGS re-exported for callers
+    SETTINGS,
+    AblationConfig,
+    build_ablation_config,
+    resolve_setting,
+)
+from specialize.config import SpecializeConfig, build_config
 from specialize.engine import build_vllm_generator
 from specialize.errors import ConfigError
 from specialize.jsonl import read_jsonl, write_json
@@ -41,61 +46,6 @@ from specialize.quality import (
     wellformed_verdict,
 )
 from specialize.seeds import Domain, load_domain
-
-# Each setting changes one thing; "paper" pins the values the others are measured against, so a
-# report stays comparable after the defaults move.
-PAPER = {"focus": "none", "prompt_format": "list", "temperature": 1.0}
-SETTINGS: dict[str, dict] = {
-    "paper": {},
-    "default": {},
-    "subtopic": {"focus": "subtopic"},
-    "passage": {"focus": "passage"},
-    "unfocused": {"focus": "none"},
-    "chat": {"prompt_format": "chat"},
-    "list": {"prompt_format": "list"},
-    "t0.7": {"temperature": 0.7},
-    "t1.0": {"temperature": 1.0},
-}
-
-
-def resolve_setting(name: str) -> dict:
-    """"passage+t0.7" -> the GenerateConfig fields it sets. Unknown parts are a ConfigError."""
-    parts = [p.strip() for p in name.split("+")]
-    unknown = [p for p in parts if p not in SETTINGS]
-    if unknown or not name.strip():
-        raise ConfigError(f"unknown ablation setting {unknown[0] if unknown else name!r}: use "
-                          f"{', '.join(SETTINGS)}, or several joined with '+' (passage+t0.7)")
-    changes = {} if parts[0] == "default" else dict(PAPER)
-    for p in parts:
-        changes.update(SETTINGS[p])
-    return changes
-
-
-class AblationConfig(_Config):
-    domains: list[str] = Field(min_length=1)
-    settings: list[str] = Field(["paper", "subtopic", "passage", "chat", "t0.7"], min_length=1)
-    num_instructions: int = Field(48, ge=1, description="kept instructions per domain and setting")
-    base_model: str = "smollm2-135m-instruct"
-    out: Path = Path("reports/ablation")
-    train_eval: bool = False  # also answer, train, publish and score each setting's experts
-    filter: FilterConfig = FilterConfig()  # the same filters for every setting: the pipeline's
-    seed: int = 0
-
-    @field_validator("settings")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        for name in v:
-            resolve_setting(name)
-        return list(dict.fromkeys(v))
-
-
-def build_ablation_config(**kwargs) -> AblationConfig:
-    try:
-        return AblationConfig.model_validate({k: v for k, v in kwargs.items() if v is not None})
-    except ValidationError as e:
-        msgs = [f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
-                for err in e.errors()]
-        raise ConfigError("invalid ablation arguments: " + "; ".join(msgs)) from None
 
 
 def setting_config(acfg: AblationConfig, name: str) -> SpecializeConfig:

@@ -184,7 +184,7 @@ def _generation_flags(args) -> dict:
 
 
 def _ablate_parser(sub) -> None:
-    from specialize.ablation import SETTINGS, AblationConfig
+    from specialize.ablation_config import SETTINGS, AblationConfig
 
     p = sub.add_parser("ablate", help="measure instruction-generation settings against each other",
                        description="Runs each named generation setting on the domains up to the "
@@ -208,7 +208,8 @@ def _ablate_parser(sub) -> None:
 
 
 def _run_ablate(args) -> int:
-    from specialize.ablation import build_ablation_config, format_report, run_ablation
+    from specialize.ablation import format_report, run_ablation
+    from specialize.ablation_config import build_ablation_config
 
     acfg = build_ablation_config(
         domains=args.domains, num_instructions=args.num_instructions, base_model=args.base_model,

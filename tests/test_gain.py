@@ -11,17 +11,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from specialize.config import GainConfig, TrainConfig  # noqa: E402
-from specialize.gain import (  # noqa: E402
+from specialize.config import GainConfig, TrainConfig
+from specialize.gain import (
     chat_ids,
     continuation_logliks,
     load_validation,
     measure_gain,
     score_items,
 )
-from specialize.registry import GainInfo  # noqa: E402
-from specialize.seeds import EvalItem, load_domain  # noqa: E402
-from tests.conftest import write_domain  # noqa: E402
+from specialize.registry import GainInfo
+from specialize.seeds import EvalItem, load_domain
+from tests.conftest import write_domain
 
 QUESTIONS = [
     "Which organ pumps blood through the body?", "Which metal is liquid at room temperature?",

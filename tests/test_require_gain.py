@@ -36,7 +36,7 @@ def test_the_rule():
 
 
 def serve_with_gains(finance=None, law=None, **router):
-    client, engine, rtr, service = make(router=router) if router else make()
+    client, engine, _rtr, _service = make(router=router) if router else make()
     engine.cat["experts"]["finance"]["gain"] = finance
     engine.cat["experts"]["law"]["gain"] = law
     return client, engine
@@ -82,16 +82,16 @@ def test_strict_routes_only_to_measured_experts():
 
 
 def test_off_and_max_p():
-    client, engine = serve_with_gains(finance=HURTS, require_gain="off")
+    client, _engine = serve_with_gains(finance=HURTS, require_gain="off")
     assert client.post("/v1/chat/completions", json=ask("bond")).json()["model"] == "finance"
-    client, engine = serve_with_gains(finance=WEAK, gain_max_p=0.1)
+    client, _engine = serve_with_gains(finance=WEAK, gain_max_p=0.1)
     raw = client.post("/v1/chat/completions", json=ask("bond"))
     assert raw.json()["model"] == "base"
     assert "not significant" in raw.headers["x-selfspec-route-reason"]
 
 
 def test_forcing_an_expert_ignores_the_rule_but_shows_the_gain():
-    client, engine = serve_with_gains(finance=HURTS)
+    client, _engine = serve_with_gains(finance=HURTS)
     raw = client.post("/v1/chat/completions", json=ask("hello", model="finance@v1"))
     assert raw.json()["model"] == "finance" and raw.headers["x-selfspec-selection"] == "forced"
     assert raw.headers["x-selfspec-route-gain"].startswith("finance diff=-0.030")
@@ -147,10 +147,10 @@ def test_the_gain_round_trips(tmp_path):
 
 
 def test_publish_stores_the_measured_gain(tmp_path):
-    from tests.test_registry import fake_work
     from specialize.publish import publish_expert
     from specialize.seeds import load_domain
     from tests.conftest import write_domain
+    from tests.test_registry import fake_work
 
     work, train_dir, train_file = fake_work(tmp_path)
     write_domain(tmp_path / "seeds")
