@@ -62,6 +62,24 @@ class FakeGenerator:
         pass
 
 
+def seeds_dir(tmp_path: Path, monkeypatch, names=("alpha", "beta")) -> Path:
+    """A seeds root with one written domain per name, made the shipped root for the test."""
+    root = tmp_path / "seeds"
+    for name in names:
+        write_domain(root, name)
+    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def fake_base(tmp_path) -> Path:
+    """A base model folder for code that only resolves it (resolve_base_model needs config.json)."""
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
 @pytest.fixture
 def fake_generator():
     return FakeGenerator()

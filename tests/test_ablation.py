@@ -22,7 +22,7 @@ from specialize.datacard import build_data_card
 from specialize.engine import Completion
 from specialize.errors import ConfigError
 from specialize.seeds import load_domain
-from tests.conftest import FakeGenerator, write_domain
+from tests.conftest import FakeGenerator, seeds_dir
 
 AXES = ("alpha", "beta")
 # The rule filters only: the meaning filters would load the real encoder and the fragments and
@@ -80,19 +80,12 @@ class MixedWriter(FakeGenerator):
 
 @pytest.fixture
 def seeds(tmp_path, monkeypatch):
-    root = tmp_path / "seeds"
-    for name in AXES:
-        write_domain(root, name)
-    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
-    return root
+    return seeds_dir(tmp_path, monkeypatch, AXES)
 
 
 @pytest.fixture
-def base(tmp_path):
-    folder = tmp_path / "base"  # resolve_base_model only needs a folder with config.json
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    return folder
+def base(fake_base):
+    return fake_base
 
 
 def test_settings_change_one_thing_on_top_of_the_paper_prompt():

@@ -14,7 +14,7 @@ from specialize.jsonl import read_jsonl, write_jsonl
 from specialize.pipeline import specialize
 from specialize.registry import load_registry
 from specialize.seeds import load_domain
-from tests.conftest import FakeGenerator, write_domain
+from tests.conftest import FakeGenerator, seeds_dir
 
 
 class WordEncoder:
@@ -33,11 +33,7 @@ class WordEncoder:
 
 @pytest.fixture
 def seeds(tmp_path, monkeypatch):
-    root = tmp_path / "seeds"
-    for name in ("alpha", "beta"):
-        write_domain(root, name)
-    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
-    return root
+    return seeds_dir(tmp_path, monkeypatch)
 
 
 def _workdir(tmp_path):
@@ -104,11 +100,8 @@ def test_card_without_encoder_or_filter_output(tmp_path, seeds):
 # ---- --stop-after through the pipeline, with a fake engine ---------------------------------------
 
 @pytest.fixture
-def base(tmp_path):
-    folder = tmp_path / "base"  # resolve_base_model only needs a folder with config.json
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    return folder
+def base(fake_base):
+    return fake_base
 
 
 def _cfg(tmp_path, base):

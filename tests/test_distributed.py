@@ -26,24 +26,17 @@ from specialize.jsonl import read_jsonl
 from specialize.respond import generate_responses
 from specialize.seeds import load_domain
 from specialize.shards import check_shared, merge_shards, prepare_shards, respond_shard
-from tests.conftest import FakeGenerator, write_domain
+from tests.conftest import FakeGenerator, seeds_dir
 
 
 @pytest.fixture
 def seeds(tmp_path, monkeypatch):
-    root = tmp_path / "seeds"
-    for name in ("alpha", "beta"):
-        write_domain(root, name)
-    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
-    return root
+    return seeds_dir(tmp_path, monkeypatch)
 
 
 @pytest.fixture
-def base(tmp_path):
-    folder = tmp_path / "base"  # resolve_base_model only needs a folder with config.json
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    return folder
+def base(fake_base):
+    return fake_base
 
 
 @pytest.fixture
