@@ -58,15 +58,8 @@ def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> 
 
     for q in queries[:10]:  # warm-up: first calls allocate and fill caches
         router.route(q)
-    # Wall clock is what a caller sees; CPU time is what one dedicated core would need. They
-    # differ when other jobs share the machine (load_avg_1m above the cores says so).
-    lat, cpu = [], []
-    for q in queries:
-        t, c = time.perf_counter(), time.process_time()
-        router.route(q)
-        lat.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    lat_ms, cpu_ms = np.array(lat) * 1000, np.array(cpu) * 1000
+    # Wall and CPU time differ when other jobs share the machine (load_avg_1m above the cores).
+    lat_ms, cpu_ms = _route_times(router, queries)
 
     batched, batched_cpu = [], []
     for _ in range(3):
@@ -146,18 +139,25 @@ def _targets(lat_ms, cpu_ms, qps, qps_cpu, acc: dict, test: dict | None) -> dict
     return {k: {"target": v, "measured": m, "ratio": _r(m / v)} for k, v, m in rows}
 
 
-def _user_split(router, items) -> dict:
-    """One user-style split: per-query latency on one thread, accuracy per style and domain."""
-    from router.evaluate import evaluate
 
-    queries = [it.query for it in items]
+def _route_times(router, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query wall and CPU milliseconds of `router.route`, one query at a time. Wall clock is
+    what a caller sees; CPU time is what one dedicated core would need: they differ when other
+    jobs share the machine."""
     lat, cpu = [], []
     for q in queries:
         t, c = time.perf_counter(), time.process_time()
         router.route(q)
         lat.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    lat_ms, cpu_ms = np.array(lat) * 1000, np.array(cpu) * 1000
+    return np.array(lat) * 1000, np.array(cpu) * 1000
+
+def _user_split(router, items) -> dict:
+    """One user-style split: per-query latency on one thread, accuracy per style and domain."""
+    from router.evaluate import evaluate
+
+    queries = [it.query for it in items]
+    lat_ms, cpu_ms = _route_times(router, queries)
     vecs = router.encoder.encode(queries)
     ev = evaluate(router.names, router.thresholds, router.expert_scores(vecs),
                   [it.domain for it in items], [it.style for it in items],
