@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = None
     if route and args.command in QUIET_COMMANDS:
         log_path = route_output(args.command, args.verbose)
-        console.say(f"log: {log_path}" + ("" if args.verbose else
-                                          "  (engine messages go there; -v shows them here)"))
+        console.pending = f"log: {log_path}" + ("" if args.verbose else
+                                                "  (engine messages go there; -v shows them here)")
         catch_interrupts()
     else:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SelfspecError as e:
         console.end_status()
+        console.pending = None  # still unshown: nothing ran, the error line says it all
         console.say(f"selfspec: error: {e}")
         return e.exit_code
     except BaseException as e:

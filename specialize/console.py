@@ -55,6 +55,14 @@ class Console:
         self.interrupted = False
         self.log_path: Path | None = None  # where route_output() sends descriptor 2
         self.verbose = False
+        # A line shown just before the console's first other output (the log path): bad input
+        # that fails before anything runs then ends in its one error line alone.
+        self.pending: str | None = None
+
+    def _write_pending(self) -> None:  # under the lock
+        if self.pending is not None:
+            self.stream.write(self.pending + "\n")
+            self.pending = None
 
     @property
     def stream(self) -> TextIO:
@@ -81,6 +89,7 @@ class Console:
     def say(self, text: str) -> None:
         """A whole line (or lines); a status line on screen is redrawn below it."""
         with self._lock:
+            self._write_pending()
             if self.tty and self._line:
                 self.stream.write("\r\x1b[2K")
             self.stream.write(text + "\n")
@@ -92,6 +101,7 @@ class Console:
         """Replace the status line. Off a terminal it is printed when `key` (default: the line)
         changes, or every PLAIN_EVERY_S."""
         with self._lock:
+            self._write_pending()
             if self.tty:
                 self._line = line
                 self.stream.write("\r\x1b[2K" + line)

@@ -349,3 +349,12 @@ def test_up_shows_the_childs_progress_and_each_expert_the_server_gains(tmp_path,
     failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     assert up.watch_child(failing, cfg, None, ["law"]) == 1
     assert "specialization stopped with exit 3" in out.getvalue().splitlines()[-1]
+
+
+def test_bad_input_in_a_real_process_is_one_line_without_the_log_path():
+    # The log path is shown before the first progress output only; an unknown domain fails first.
+    proc = subprocess.run([sys.executable, "-m", "specialize.cli", "specialize", "nope"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("selfspec: error: unknown domain 'nope'")
