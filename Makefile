@@ -44,7 +44,7 @@ results: setup
 	$(BIN)/python -m evaluation.results
 
 lint: setup
-	$(BIN)/ruff check specialize router serve evaluation tests
+	$(BIN)/ruff check core specialize router serve evaluation tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specialize.engine import TokenRequest
-from specialize.errors import SelfspecError
-from specialize.precision import precision_facts
+from core.errors import SelfspecError
+from core.precision import precision_facts
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def plan_direct(experts_dir: Path, want_experts: bool):
     """The server's own engine plan and adapter checks over the registry (no engine yet)."""
     from serve.adapters import check_adapters, plan_engine
     from serve.config import build_serve_config
-    from specialize.registry import load_registry
+    from core.registry import load_registry
 
     registry = load_registry(experts_dir)
     plan = plan_engine(build_serve_config({"experts_dir": str(experts_dir)}), registry)
@@ -148,7 +148,7 @@ class DirectBackend:
         # when the chosen expert is not served, or (router.require_gain, the server's default)
         # did not beat the base on its validation split (serve/selection.py): the same here.
         from serve.config import RouterOptions
-        from specialize.registry import gain_refusal
+        from core.registry import gain_refusal
 
         rule = RouterOptions()
         choices = self.router.route_batch(users)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from specialize.precision import DTYPES
+from core.precision import DTYPES
 
 
 def _csv(text: str) -> list[str]:

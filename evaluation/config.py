@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from specialize.errors import ConfigError
-from specialize.precision import Dtype
+from core.errors import ConfigError
+from core.precision import Dtype
 
 TARGET_GROUPS = ("base", "experts", "auto")
 
@@ -30,7 +30,7 @@ class EvalConfig(BaseModel):
     concurrency: int = Field(8, ge=1, le=256)  # HTTP requests in flight
     kv_cache_gib: int = Field(1, ge=1)  # direct engine (VLLM_CPU_KVCACHE_SPACE)
     max_model_len: int = Field(2048, ge=256)
-    dtype: Dtype = "auto"  # direct engine; resolved by the CPU (specialize/precision.py)
+    dtype: Dtype = "auto"  # direct engine; resolved by the CPU (core/precision.py)
 
     @field_validator("targets", "domains")
     @classmethod

@@ -34,9 +34,9 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from specialize.prompts import Task, user_message
-from specialize.rouge import rouge_l
-from specialize.seeds import EvalItem
+from core.chat import Task, user_message
+from core.rouge import rouge_l
+from core.seeds import EvalItem
 
 FORMATS = ("multiple_choice", "yes_no", "classification", "short_answer")
 YES_NO = "Answer yes or no."

@@ -28,8 +28,8 @@ from evaluation.formats import (
     user_text,
 )
 from evaluation.stats import macro_f1_ci, mean_ci
-from specialize.errors import ConfigError
-from specialize.seeds import EvalItem
+from core.errors import ConfigError
+from core.seeds import EvalItem
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def limit_items(items: list[EvalItem], n: int | None) -> list[EvalItem]:
 
 
 def _load_domains(cfg: EvalConfig) -> dict[str, list[EvalItem]]:
-    from specialize.seeds import available_domains, load_domain
+    from core.seeds import available_domains, load_domain
 
     names = cfg.domains or [d for d in available_domains()
                             if load_domain(d).eval_path.is_file()]

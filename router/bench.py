@@ -32,7 +32,7 @@ def _one_thread() -> None:
 def _router(experts_dir: Path, encoder):
     from router.route import Router
     from router.seedset import seed_exemplars
-    from specialize.registry import load_registry
+    from core.registry import load_registry
 
     reg = load_registry(experts_dir)
     if reg.experts:

@@ -30,7 +30,7 @@ from router.encoder import Encoder, canonical_name, load_encoder
 from router.route import Router
 from router.types import RouterError, ScoringConfig
 from router.vectors import index_kind, read_index, write_index
-from specialize.registry import Registry, atomic_write_text, load_registry, utcnow
+from core.registry import Registry, atomic_write_text, load_registry, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -165,7 +165,7 @@ class Router:
 
     def is_stale(self) -> bool:
         """True when the registry this router was loaded from has been published to since."""
-        from specialize.registry import load_registry
+        from core.registry import load_registry
         where = self.info.get("experts_dir")
         return where is not None and \
             load_registry(where).revision != self.info.get("registry_revision")

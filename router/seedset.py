@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specialize.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
-from specialize.seeds import RoutingItem, available_domains, load_domain, load_jsonl, seeds_root
+from core.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
+from core.seeds import RoutingItem, available_domains, load_domain, load_jsonl, seeds_root
 
 # How users ask (issue 17): a long story ending in the question, lay wording, two or three bare
 # keywords, an exam-style question, a task ("draft a clause that ...").

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from specialize.errors import SelfspecError
+from core.errors import SelfspecError
 
 
 class RouterError(SelfspecError):

@@ -1,7 +1,7 @@
 """From the registry to what the engine loads: the base model, vLLM's LoRA limits, a stable
 LoRA id per expert version, and a verdict per adapter (load it, or leave it out and say why).
 
-Pure functions over `specialize.registry` (no vLLM import here except inside
+Pure functions over `core.registry` (no vLLM import here except inside
 `validate_adapter`'s own check), so the planning is unit-tested without an engine.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.config import ServeConfig
-from specialize.config import VLLM_LORA_RANKS
-from specialize.errors import SelfspecError
-from specialize.registry import ExpertEntry, Registry
+from core.lora import VLLM_LORA_RANKS
+from core.errors import SelfspecError
+from core.registry import ExpertEntry, Registry
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def lora_int_id(lora_name: str) -> int:
 
 def choose_base(cfg: ServeConfig, registry: Registry) -> tuple[str, Path]:
     """The base model: the configured one, else the one most experts were trained on."""
-    from specialize.base_model import DEFAULT_BASE_MODEL, resolve_base_model
+    from core.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 
     if cfg.base_model:
         return cfg.base_model, resolve_base_model(cfg.base_model)
@@ -116,7 +116,7 @@ def adapter_dir(entry: ExpertEntry, experts_dir: Path) -> Path:
 def check_adapters(registry: Registry, experts_dir: Path, plan: EnginePlan,
                    names: list[str] | None = None) -> AdapterVerdicts:
     """Validate each adapter against the engine; a bad one is left out with its reason."""
-    from specialize.validate import validate_adapter
+    from core.lora import validate_adapter
 
     out = AdapterVerdicts()
     for name in sorted(names if names is not None else registry.experts):

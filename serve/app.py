@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from serve.config import ServeConfig, build_serve_config
-from specialize.registry import load_registry
+from core.registry import load_registry
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def resolve_config(args: dict | ServeConfig | None = None, **overrides) -> Serve
 def require_experts_dir(cfg: ServeConfig) -> None:
     """Refuse an experts dir that does not exist: a typo would otherwise start Ray and vLLM and
     serve the base model only. (A dir without registry.json is a fresh one, and fine.)"""
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     if not cfg.experts_dir.is_dir():
         raise ConfigError(f"the experts dir {cfg.experts_dir} does not exist: pass --experts-dir "
@@ -46,7 +46,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def refuse_open_exposure(host: str, cfg: ServeConfig, insecure_no_auth: bool) -> None:
     """Binding beyond this machine with no API key lets anyone on the network use the engine
     and the admin routes: refused unless asked for in so many words."""
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     if host not in LOOPBACK and not cfg.resolved_api_key() and not insecure_no_auth:
         raise ConfigError(f"--host {host} serves beyond this machine with no API key: pass "
@@ -56,7 +56,7 @@ def refuse_open_exposure(host: str, cfg: ServeConfig, insecure_no_auth: bool) ->
 
 def read_api_key_file(path) -> str:
     """The API key from a file (first line): unlike --api-key, it does not show in `ps`."""
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     try:
         key = Path(path).read_text(encoding="utf-8").strip().splitlines()

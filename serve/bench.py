@@ -40,13 +40,13 @@ from serve.bench_load import (
     vllm_serve_command,
     wait_http,
 )
-from specialize.precision import precision_facts, resolve_dtype
+from core.precision import precision_facts, resolve_dtype
 
 
 def run_serving_bench(args) -> int:
     from serve.adapters import adapter_dir, plan_engine
     from serve.app import resolve_config
-    from specialize.registry import load_registry
+    from core.registry import load_registry
 
     out = Path(args.out) / "bench_serving.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ def bench_engine(plan, cfg, adapters: dict[str, Path], texts: list[str], args,
 
 def workload(registry, n: int) -> list[str]:
     """n queries alternating over the experts' domains (their routing sets, else exemplars)."""
-    from specialize.seeds import seeds_root
+    from core.seeds import seeds_root
 
     per = []
     for name in sorted(registry.experts):
@@ -227,9 +227,9 @@ def synthetic_registry(root: Path, domains=("finance", "law")) -> Path:
     from transformers import AutoModelForCausalLM
 
     from serve.adapters import LINEAR_TARGETS
-    from specialize.base_model import DEFAULT_BASE_MODEL, resolve_base_model
+    from core.base_model import DEFAULT_BASE_MODEL, resolve_base_model
     from specialize.publish import publish_expert
-    from specialize.seeds import load_domain
+    from core.seeds import load_domain
 
     base = resolve_base_model(DEFAULT_BASE_MODEL)
     experts = root / "experts"

@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specialize.precision import resolve_dtype
+from core.precision import resolve_dtype
 
 
 @dataclass

@@ -87,7 +87,7 @@ def deploy_settings(path: Path | None) -> dict:
     """A Serve config file -> {args, name, route_prefix, host, port}, validated by Ray's schema."""
     import yaml
 
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     if path is None:
         path = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
@@ -135,7 +135,7 @@ def run_serve(args) -> int:
 def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bool) -> int:
     """`selfspec serve`: start, print how to use it, serve until Ctrl-C or SIGTERM."""
     from specialize.console import console
-    from specialize.registry import load_registry
+    from core.registry import load_registry
 
     registry = load_registry(cfg.experts_dir)
     if not registry.experts:
@@ -190,7 +190,7 @@ def start_serving(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
 
     from serve.app import build_app
     from specialize.console import console
-    from specialize.errors import SelfspecError
+    from core.errors import SelfspecError
 
     server = Server(name, own_ray=not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"))
     what = f"{experts} expert(s)" if experts else "the base model"

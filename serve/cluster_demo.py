@@ -45,7 +45,7 @@ from serve.cluster_nodes import (
     ray_bin,
 )
 from serve.cluster_stream import RequestStream, phases, prompts_for, summary_line
-from specialize.errors import ConfigError
+from core.errors import ConfigError
 
 
 class ClusterDemoConfig(BaseModel):
@@ -140,7 +140,7 @@ class ClusterDemo:
 
     def prepare(self) -> None:
         """Ports, registry and the Serve config, all checked before any process starts."""
-        from specialize.registry import load_registry
+        from core.registry import load_registry
 
         check_free(self.ports.listening() + [self.cfg.port])
         shutil.rmtree(self.root, ignore_errors=True)  # a previous demo's logs (ports were free)

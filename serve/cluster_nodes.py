@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from specialize.errors import ConfigError, SelfspecError
+from core.errors import ConfigError, SelfspecError
 
 APP = "selfspec"  # the Serve application's name
 ENGINE_RESOURCE = "selfspec_engine"  # only the head has it: the engine stays on the head

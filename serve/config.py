@@ -20,9 +20,9 @@ from pydantic import (
     model_validator,
 )
 
-from specialize.config import VLLM_LORA_RANKS
-from specialize.errors import ConfigError
-from specialize.precision import Dtype
+from core.lora import VLLM_LORA_RANKS
+from core.errors import ConfigError
+from core.precision import Dtype
 
 API_KEY_ENV = "SELFSPEC_API_KEY"
 
@@ -93,7 +93,7 @@ class EngineOptions(_Replicas):
 
     max_model_len: int = Field(2048, ge=128)
     # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), fp32 on other CPUs;
-    # resolved in the engine replica, on the machine that runs it (specialize/precision.py).
+    # resolved in the engine replica, on the machine that runs it (core/precision.py).
     dtype: Dtype = "auto"
     # vLLM CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); 1 fits a 2-core box.
     kv_cache_gib: int = Field(1, ge=1)

@@ -2,7 +2,7 @@
 a LoRA adapter (mixed in the same batch), kept in step with the registry.
 
 Start-up: plan the LoRA limits from the registry, start vLLM, validate each adapter
-(`specialize.validate`) and load it; a corrupt or incompatible adapter is left out, logged, and
+(`core.lora`) and load it; a corrupt or incompatible adapter is left out, logged, and
 reported in `catalog()["skipped"]` (shown by /health and /v1/models) while the others serve.
 Hot-add: a registry watch (and `reload()`, which /admin/reload calls) loads new experts and new
 versions without a restart. `check_health` fails once the engine process has died, so Ray Serve
@@ -23,7 +23,7 @@ from serve.clients import ERROR
 from serve.config import build_serve_config
 from serve.errors import error_body
 from serve.watch import RegistryFollower, RetrySchedule, start_watch
-from specialize.registry import ExpertEntry
+from core.registry import ExpertEntry
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from http import HTTPStatus
 
 from router.types import RouterError
-from specialize.errors import (
+from core.errors import (
     AdapterError,
     ConfigError,
     ExpertNotFoundError,

@@ -49,8 +49,8 @@ from serve.protocol import (
     parse_json,
 )
 from serve.selection import AUTO, BASE, Selector
-from specialize.build_status import describe_in_progress, read_build_status
-from specialize.errors import SelfspecError
+from core.build_status import describe_in_progress, read_build_status
+from core.errors import SelfspecError
 
 log = logging.getLogger(__name__)
 

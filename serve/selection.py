@@ -9,7 +9,7 @@ The ingress keeps the engine's catalog (what it actually serves) and refreshes i
 unknown, so an expert hot-added a moment ago is found without waiting for a timer.
 
 With `router.require_gain` (serve/config.py), "auto" keeps the router's expert only if the registry
-says it beat the base model on its validation split (specialize/registry.py `gain_refusal`);
+says it beat the base model on its validation split (core/registry.py `gain_refusal`);
 otherwise the base model answers and x-selfspec-route-reason says why. x-selfspec-route-gain
 shows the considered (or forced) expert's measured gain.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from serve.clients import EngineClient, RouterClient
 from serve.errors import InvalidRequestError, UnknownModelError
-from specialize.registry import GainInfo, gain_refusal
+from core.registry import GainInfo, gain_refusal
 
 AUTO, BASE = "auto", "base"
 CATALOG_TTL_S = 5.0

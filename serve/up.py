@@ -89,12 +89,12 @@ def served_models(url: str, api_key: str | None) -> list[str] | None:
 
 def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
     from serve.cli import _health, ready_message, start_serving
-    from specialize.base_model import BUILTIN, cache_root, resolve_base_model
-    from specialize.build_status import clear_build_status
+    from core.base_model import BUILTIN, cache_root, resolve_base_model
+    from core.build_status import clear_build_status
     from specialize.console import console
     from specialize.progress import continue_command, kept_summary
-    from specialize.registry import load_registry
-    from specialize.seeds import available_domains, load_domain
+    from core.registry import load_registry
+    from core.seeds import available_domains, load_domain
 
     wanted = args.domains or available_domains()
     for d in wanted:
@@ -153,7 +153,7 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
 
 def watch_child(child: subprocess.Popen, cfg, url: str | None, domains: list[str]) -> int:
     """Progress on the console until the child ends; one line per expert the server gains."""
-    from specialize.build_status import read_build_status
+    from core.build_status import read_build_status
     from specialize.console import console
     from specialize.progress import format_progress
 

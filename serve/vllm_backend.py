@@ -20,8 +20,8 @@ from serve.adapters import EnginePlan, lora_int_id
 from serve.clients import CHUNK, ERROR, RESPONSE, USAGE
 from serve.config import ServeConfig
 from serve.errors import map_exception, vllm_error
-from specialize.precision import precision_facts, resolve_dtype
-from specialize.registry import ExpertEntry
+from core.precision import precision_facts, resolve_dtype
+from core.registry import ExpertEntry
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from specialize.registry import REGISTRY_FILE, Registry, RegistryError, load_registry
+from core.registry import REGISTRY_FILE, Registry, RegistryError, load_registry
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from specialize.ablation_config import (  # noqa: F401 - SETTINGS re-exported fo
 )
 from specialize.config import SpecializeConfig, build_config
 from specialize.engine import build_vllm_generator
-from specialize.errors import ConfigError
-from specialize.jsonl import read_jsonl, write_json
+from core.errors import ConfigError
+from core.jsonl import read_jsonl, write_json
 from specialize.quality import (
     build_reference,
     load_default_encoder,
@@ -45,7 +45,7 @@ from specialize.quality import (
     task_text,
     wellformed_verdict,
 )
-from specialize.seeds import Domain, load_domain
+from core.seeds import Domain, load_domain
 
 
 def setting_config(acfg: AblationConfig, name: str) -> SpecializeConfig:
@@ -150,7 +150,7 @@ def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, enco
     """Every setting on every domain; returns the report (also written to `out/report.json`).
     `eval_gain(experts_dir, domains, out) -> {domain: {diff, ci, p_not_better}}` scores the
     published experts against the base (the CLI passes evaluation's; required with train_eval)."""
-    from specialize.base_model import resolve_base_model
+    from core.base_model import resolve_base_model
     from specialize.pipeline import prepare_run, specialize, write_instructions
 
     if acfg.train_eval and eval_gain is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator
 
 from specialize.config import FilterConfig, _Config
-from specialize.errors import ConfigError
+from core.errors import ConfigError
 
 # Each setting changes one thing; "paper" pins the values the others are measured against, so a
 # report stays comparable after the defaults move.

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from specialize.config import EngineConfig, RespondConfig, ResponseFilterConfig
 from specialize.filter_responses import filter_responses
-from specialize.jsonl import read_jsonl, write_jsonl
-from specialize.precision import cpu_isa
+from core.jsonl import read_jsonl, write_jsonl
+from core.precision import cpu_isa
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
-from specialize.seeds import load_domain, seeds_root
+from core.seeds import load_domain, seeds_root
 
 
 def bench_instructions(domain: str, n: int) -> list[dict]:
@@ -36,7 +36,7 @@ def bench_instructions(domain: str, n: int) -> list[dict]:
 
 
 def run_respond_bench(args) -> int:
-    from specialize.base_model import resolve_base_model
+    from core.base_model import resolve_base_model
     from specialize.engine import VllmGenerator
 
     domain = load_domain(args.domain)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from specialize.config import STAGES
 from specialize.console import catch_interrupts, console, interrupt_line, route_output
-from specialize.errors import SelfspecError
-from specialize.precision import DTYPES
+from core.errors import SelfspecError
+from core.precision import DTYPES
 
 
 def _specialize_parser(sub) -> None:
@@ -90,9 +90,9 @@ def _specialize_parser(sub) -> None:
 
 def _run_specialize(args) -> int:
     from specialize.config import build_config
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
     from specialize.pipeline import format_summary
-    from specialize.seeds import available_domains
+    from core.seeds import available_domains
 
     if args.all == bool(args.domains):
         raise ConfigError("name the domains to specialize, or pass --all (not both); "
@@ -327,7 +327,7 @@ def _run_experts_rollback(args) -> int:
 def _run_experts_remove(args) -> int:
     from specialize.manage import remove_expert
     from specialize.pipeline import rebuild_router_index
-    from specialize.registry import load_registry
+    from core.registry import load_registry
 
     change = remove_expert(args.experts_dir, args.name, force=args.force)
     if load_registry(args.experts_dir).experts:
@@ -347,7 +347,7 @@ def _run_experts_show(args) -> int:
 
 
 def _run_experts(args) -> int:
-    from specialize.registry import load_registry
+    from core.registry import load_registry
 
     reg = load_registry(args.experts_dir)
     if args.json:

@@ -13,12 +13,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from specialize.errors import ConfigError
-from specialize.precision import Dtype
-
-# vLLM's LoRA loader accepts only these ranks (vllm/config/lora.py, `max_lora_rank` choices).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
+from core.errors import ConfigError
+from core.lora import VLLM_LORA_RANKS
+from core.precision import Dtype
 
 def _servable(rank: int) -> int:
     if rank not in VLLM_LORA_RANKS:
@@ -46,7 +43,7 @@ class EngineConfig(_Config):
     kv_cache_gib: int = Field(2, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
     # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), fp32 on other CPUs,
-    # where bf16 is emulated and ~8x slower (specialize/precision.py).
+    # where bf16 is emulated and ~8x slower (core/precision.py).
     dtype: Dtype = "auto"
     seed: int = 0
 

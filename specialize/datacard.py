@@ -12,9 +12,9 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from specialize.jsonl import read_jsonl, write_json
+from core.jsonl import read_jsonl, write_json
 from specialize.quality import build_reference, seed_verbs, task_text, wellformed_verdict
-from specialize.seeds import Domain
+from core.seeds import Domain
 
 CARD_JSON, CARD_MD = "data_card.json", "data_card.md"
 EXAMPLES = 10

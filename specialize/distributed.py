@@ -33,13 +33,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm import tqdm
 
-from specialize.base_model import resolve_base_model
+from core.base_model import resolve_base_model
 from specialize.config import SpecializeConfig
 from specialize.engine import build_vllm_generator
-from specialize.errors import ConfigError, SelfspecError
+from core.errors import ConfigError, SelfspecError
 from specialize.pipeline import rebuild_router_index
 from specialize.publish import ensure_writable
-from specialize.seeds import Domain, load_domain
+from core.seeds import Domain, load_domain
 from specialize.shards import (
     finish_sharded,
     prepare_shards,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from specialize.config import EngineConfig
-from specialize.precision import cpu_isa, resolve_dtype
+from core.precision import cpu_isa, resolve_dtype
 
 log = logging.getLogger(__name__)
 

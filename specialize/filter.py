@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specialize.config import FilterConfig
-from specialize.errors import ConfigError
-from specialize.jsonl import read_jsonl, write_json, write_jsonl
+from core.errors import ConfigError
+from core.jsonl import read_jsonl, write_json, write_jsonl
 from specialize.prompts import Task
 from specialize.quality import (
     TASK_VERBS,
@@ -33,8 +33,8 @@ from specialize.quality import (
     task_text,
     wellformed_verdict,
 )
-from specialize.rouge import RougeIndex, tokenize
-from specialize.seeds import Domain
+from core.rouge import RougeIndex, tokenize
+from core.seeds import Domain
 
 log = logging.getLogger(__name__)
 

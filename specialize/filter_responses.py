@@ -8,8 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 from specialize.config import ResponseFilterConfig
-from specialize.jsonl import read_jsonl, write_json, write_jsonl
-from specialize.rouge import tokenize
+from core.jsonl import read_jsonl, write_json, write_jsonl
+from core.rouge import tokenize
 
 
 def response_verdict(row: dict, cfg: ResponseFilterConfig) -> tuple[str | None, str]:

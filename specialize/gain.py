@@ -26,7 +26,7 @@ import math
 from collections import defaultdict
 
 from specialize.config import GainConfig
-from specialize.seeds import Domain, EvalItem, load_jsonl
+from core.seeds import Domain, EvalItem, load_jsonl
 
 log = logging.getLogger(__name__)
 

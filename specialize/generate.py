@@ -22,7 +22,7 @@ from tqdm import tqdm
 from specialize.config import GenerateConfig
 from specialize.engine import Generator, Sampling
 from specialize.filter import InstructionFilter
-from specialize.jsonl import append_jsonl, resume_jsonl, write_json
+from core.jsonl import append_jsonl, resume_jsonl, write_json
 from specialize.prompts import (
     Focus,
     Task,
@@ -34,7 +34,7 @@ from specialize.prompts import (
     subtopics,
 )
 from specialize.retrieve import load_passages
-from specialize.seeds import Domain
+from core.seeds import Domain
 
 
 def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: InstructionFilter,

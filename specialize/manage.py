@@ -2,7 +2,7 @@
 
 - add: an existing PEFT LoRA adapter becomes an expert. Everything is checked before anything is
   written: the adapter's recorded base model and the shape of every LoRA matrix against the
-  registry's base checkpoint, vLLM's LoRA rules (specialize/validate.py), and the routing
+  registry's base checkpoint, vLLM's LoRA rules (core/lora.py), and the routing
   exemplars. Then it is published the way `selfspec specialize` publishes (publish.py): a
   complete version folder renamed into place, then registry.json replaced under the lock.
 - rollback: the registry names an older version folder again. Version folders are never
@@ -29,17 +29,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specialize.datacard import CARD_MD
-from specialize.errors import (
+from core.errors import (
     AdapterError,
     ConfigError,
     ExpertNotFoundError,
     RegistryError,
     SeedError,
 )
-from specialize.jsonl import write_json
+from core.jsonl import write_json
 from specialize.publish import _point_symlink as point_symlink
 from specialize.publish import ensure_writable
-from specialize.registry import (
+from core.registry import (
     ExpertEntry,
     LoraInfo,
     Registry,
@@ -51,7 +51,7 @@ from specialize.registry import (
     version_dirs,
     write_registry,
 )
-from specialize.seeds import SeedFile
+from core.seeds import SeedFile
 
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's default, the least a server asks for (serve/adapters.py)
 # The router calibrates each expert's threshold on 5 folds of held-out exemplars
@@ -122,7 +122,7 @@ def add_expert(cfg: AddConfig) -> Change:
     check_shapes(cfg.adapter, base_spec, base_path)
     max_rank = cfg.max_lora_rank or max([DEFAULT_MAX_LORA_RANK] +
                                         [e.lora.rank for e in registry.experts.values()])
-    from specialize.validate import validate_adapter
+    from core.lora import validate_adapter
 
     facts = validate_adapter(cfg.adapter, base_path, max_rank)
     never = sorted(UNSERVABLE_TARGETS & set(facts["target_modules"]))
@@ -165,7 +165,7 @@ def add_expert(cfg: AddConfig) -> Change:
 
 def registry_base(registry: Registry, requested: str | None) -> tuple[str, Path]:
     """The base model an added adapter must fit: the one a server of this registry loads."""
-    from specialize.base_model import DEFAULT_BASE_MODEL, resolve_base_model
+    from core.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 
     counts = Counter((e.base_model, e.base_model_path) for e in registry.experts.values())
     if requested is not None:

@@ -4,7 +4,7 @@ The pipeline itself reports nothing new: a background thread reads what it alrea
 behind - each work dir's `state.json` (finished stages), the live tqdm bars of the stage in
 flight (items done, total, rate) and the registry (what got published) - every couple of
 seconds. It keeps one console line current and writes `<experts>/building.json`
-(specialize/build_status.py) for the server and for `selfspec up`.
+(core/build_status.py) for the server and for `selfspec up`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import threading
 import time
 from pathlib import Path
 
-from specialize.build_status import (
+from core.build_status import (
     BuildStatus,
     DomainProgress,
     clear_build_status,
     write_build_status,
 )
 from specialize.console import Console, format_seconds
-from specialize.registry import load_registry
+from core.registry import load_registry
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from core.chat import Task, user_message  # noqa: F401 (the stages import both from here)
+
 # ---- Stage 1: instruction generation (Self-MoE's prompt structure, see PAPER.md) ---------------
 
 INSTRUCTION_HEADER = """\
@@ -37,12 +39,6 @@ FOCUS_PASSAGE = ("Every task should be about the subject of this {domain} passag
                  "quote it):\n{passage}")
 # The chat variant's user turn ends with this; the assistant turn is then opened at item k+1.
 CHAT_REQUEST = "\nContinue the list with task {next} and the next ones, in the same format."
-
-
-@dataclass(frozen=True)
-class Task:
-    instruction: str
-    input: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,10 +202,3 @@ def clean_response(text: str) -> str:
     for stop in RESPONSE_STOP:
         text = text.split(stop)[0]
     return text.strip()
-
-
-# ---- Training / serving: the user turn the expert sees ------------------------------------------
-
-def user_message(task: Task) -> str:
-    """One user turn: the instruction, then the input (how a user would paste both)."""
-    return f"{task.instruction}\n\n{task.input}" if task.input else task.instruction

@@ -17,9 +17,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from specialize.errors import RegistryError
-from specialize.jsonl import fsync_dir, fsync_tree, read_jsonl, write_json
-from specialize.registry import (
+from core.errors import RegistryError
+from core.jsonl import fsync_dir, fsync_tree, read_jsonl, write_json
+from core.registry import (
     ExpertEntry,
     GainInfo,
     LoraInfo,
@@ -29,7 +29,7 @@ from specialize.registry import (
     utcnow,
     write_registry,
 )
-from specialize.seeds import Domain
+from core.seeds import Domain
 
 # Work-dir file -> name inside the published data/ folder.
 DATA_FILES = {

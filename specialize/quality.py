@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specialize.seeds import Domain, available_domains, load_domain, seeds_root
+from core.seeds import Domain, available_domains, load_domain, seeds_root
 
 OFFTOPIC_FILE = Path(__file__).resolve().parent / "offtopic.txt"
 GENERIC = "generic"  # the name the everyday reference set carries in verdicts and data cards

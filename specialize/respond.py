@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from specialize.config import RespondConfig
 from specialize.engine import Adapter, Generator, Sampling
-from specialize.jsonl import append_jsonl, read_jsonl, resume_jsonl, write_json
+from core.jsonl import append_jsonl, read_jsonl, resume_jsonl, write_json
 from specialize.prompts import (
     RESPONSE_STOP,
     Task,
@@ -27,7 +27,7 @@ from specialize.prompts import (
     user_message,
 )
 from specialize.retrieve import Retriever
-from specialize.seeds import Domain
+from core.seeds import Domain
 
 
 def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator, workdir: Path,

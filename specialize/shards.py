@@ -18,10 +18,10 @@ import json
 import socket
 from pathlib import Path
 
-from specialize.base_model import resolve_base_model
+from core.base_model import resolve_base_model
 from specialize.config import SpecializeConfig
-from specialize.errors import ConfigError
-from specialize.jsonl import read_jsonl, write_json, write_jsonl
+from core.errors import ConfigError
+from core.jsonl import read_jsonl, write_json, write_jsonl
 from specialize.pipeline import (
     filter_answers,
     prepare_run,
@@ -30,7 +30,7 @@ from specialize.pipeline import (
     write_instructions,
 )
 from specialize.respond import generate_responses
-from specialize.seeds import load_domain
+from core.seeds import load_domain
 
 
 def run_domain(domain_path: str, cfg: SpecializeConfig, make_generator, probe: Path) -> dict:

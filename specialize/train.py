@@ -18,8 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from specialize.config import GainConfig, TrainConfig
-from specialize.jsonl import read_jsonl, write_json
-from specialize.prompts import Task, user_message
+from core.jsonl import read_jsonl, write_json
+from core.chat import Task, user_message
 
 
 def tokenize_example(tokenizer, row: dict, max_len: int) -> dict | None:

@@ -20,8 +20,8 @@ from specialize.cli import main
 from specialize.config import FilterConfig
 from specialize.datacard import build_data_card
 from specialize.engine import Completion
-from specialize.errors import ConfigError
-from specialize.seeds import load_domain
+from core.errors import ConfigError
+from core.seeds import load_domain
 from tests.conftest import FakeGenerator, seeds_dir
 
 AXES = ("alpha", "beta")

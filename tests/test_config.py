@@ -1,7 +1,7 @@
 import pytest
 
 from specialize.config import build_config
-from specialize.errors import ConfigError
+from core.errors import ConfigError
 
 
 def test_defaults_are_valid_and_sized_for_cpu():

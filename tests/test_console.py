@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from specialize.build_status import (
+from core.build_status import (
     BUILD_STATUS_FILE,
     STALE_AFTER_S,
     BuildStatus,
@@ -128,7 +128,7 @@ def test_monitor_reads_work_dirs_and_bars_writes_the_file_and_one_line(tmp_path)
 
 
 def test_kept_summary_and_the_command_that_continues(tmp_path):
-    from specialize.registry import Registry, write_registry
+    from core.registry import Registry, write_registry
     from tests.test_serve_config import entry
 
     write_registry(tmp_path, Registry(revision=1, experts={"law": entry("law")}))

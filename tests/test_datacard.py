@@ -10,10 +10,10 @@ import pytest
 
 from specialize.config import build_config
 from specialize.datacard import build_data_card, format_data_card, write_data_card
-from specialize.jsonl import read_jsonl, write_jsonl
+from core.jsonl import read_jsonl, write_jsonl
 from specialize.pipeline import specialize
-from specialize.registry import load_registry
-from specialize.seeds import load_domain
+from core.registry import load_registry
+from core.seeds import load_domain
 from tests.conftest import FakeGenerator, seeds_dir
 
 
@@ -158,7 +158,7 @@ def test_stop_after_previews_and_resumes(tmp_path, seeds, base, no_encoder):
 
 def test_unknown_stage_is_one_line_exit_2(tmp_path, seeds, base, capsys):
     from specialize.cli import main
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--stop-after 'teach' is no stage; use one of "
                                           "generate, filter, respond, filter_responses, train"):

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from serve.config import build_serve_config
-from specialize.errors import ConfigError
-from specialize.registry import write_registry
+from core.errors import ConfigError
+from core.registry import write_registry
 from tests.conftest import REPO
 from tests.test_serve_config import entry, registry
 

@@ -21,10 +21,10 @@ from specialize.distributed import (
     resolve_resources,
     specialize_distributed,
 )
-from specialize.errors import ConfigError, RegistryError, SeedError, UnknownDomainError
-from specialize.jsonl import read_jsonl
+from core.errors import ConfigError, RegistryError, SeedError, UnknownDomainError
+from core.jsonl import read_jsonl
 from specialize.respond import generate_responses
-from specialize.seeds import load_domain
+from core.seeds import load_domain
 from specialize.shards import check_shared, merge_shards, prepare_shards, respond_shard
 from tests.conftest import FakeGenerator, seeds_dir
 

@@ -24,8 +24,8 @@ from evaluation.report import format_table, write_outputs
 from evaluation.run import evaluate, limit_items
 from evaluation.stats import macro_f1, macro_f1_ci, mean_ci, paired_diff
 from specialize.cli import main
-from specialize.errors import ConfigError
-from specialize.seeds import EvalItem, load_domain
+from core.errors import ConfigError
+from core.seeds import EvalItem, load_domain
 
 
 def item(**kw) -> EvalItem:
@@ -392,7 +392,7 @@ def test_no_registry_no_experts(tmp_path, monkeypatch, capsys, targets):
 
 
 def test_empty_registry_has_no_servable_experts(tmp_path, monkeypatch, capsys):
-    from specialize.registry import Registry, write_registry
+    from core.registry import Registry, write_registry
 
     _no_model(monkeypatch)
     write_registry(tmp_path, Registry())

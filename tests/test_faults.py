@@ -25,8 +25,8 @@ from serve.clients import USAGE
 from serve.config import build_serve_config
 from serve.ingress import Service, build_http_app
 from serve.watch import RetrySchedule
-from specialize.jsonl import append_jsonl, read_jsonl, resume_jsonl
-from specialize.registry import load_registry, write_registry
+from core.jsonl import append_jsonl, read_jsonl, resume_jsonl
+from core.registry import load_registry, write_registry
 from tests import test_router
 from tests.test_router import two_experts, write_reg
 from tests.test_serve import FakeEngine, FakeRouter, ask, oai
@@ -404,7 +404,7 @@ def test_request_timeout_is_a_408_and_streams_end_with_an_error():
 # --- 2. a publish is on disk before the registry names it --------------------------------------
 
 def test_publish_fsyncs_every_staged_file_before_the_registry_names_it(tmp_path, monkeypatch):
-    import specialize.jsonl as jsonl_mod
+    import core.jsonl as jsonl_mod
     import specialize.publish as publish_mod
     from tests.test_registry import publish as publish_demo
 
@@ -492,7 +492,7 @@ def test_resume_after_a_kill_between_publish_and_cleanup_does_not_republish(
 def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path, monkeypatch):
     from serve.app import refuse_open_exposure
     from serve.config import build_serve_config
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     monkeypatch.delenv("SELFSPEC_API_KEY", raising=False)
     open_cfg = build_serve_config({})
@@ -519,7 +519,7 @@ def test_api_key_from_a_file(tmp_path):
     from argparse import Namespace
 
     from serve.cli import cli_api_key
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     key = tmp_path / "key"
     key.write_text("sk-from-file\n")

@@ -19,8 +19,8 @@ from specialize.gain import (
     measure_gain,
     score_items,
 )
-from specialize.registry import GainInfo
-from specialize.seeds import EvalItem, load_domain
+from core.registry import GainInfo
+from core.seeds import EvalItem, load_domain
 from tests.conftest import write_domain
 
 QUESTIONS = [
@@ -175,7 +175,7 @@ def test_load_validation_skips_generated_types_and_limits_round_robin(tmp_path):
 
 
 def test_a_bad_validation_file_fails_before_any_model(tmp_path):
-    from specialize.errors import SeedError
+    from core.errors import SeedError
 
     folder = write_domain(tmp_path)
     (folder / "validation.jsonl").write_text('{"id": "x", "type": "yes_no", "question": "Q?", '

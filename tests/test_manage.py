@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import specialize.pipeline
 from specialize.cli import main
-from specialize.errors import AdapterError, ExpertNotFoundError, RegistryError
+from core.errors import AdapterError, ExpertNotFoundError, RegistryError
 from specialize.manage import (
     _model_name,
     add_expert,
@@ -23,7 +23,7 @@ from specialize.manage import (
     remove_expert,
     rollback_expert,
 )
-from specialize.registry import GainInfo, load_registry, write_registry
+from core.registry import GainInfo, load_registry, write_registry
 from tests.conftest import write_domain
 
 # (out, in) of each base weight the fake adapters adapt.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from specialize.precision import CpuIsa, cpu_isa, precision_facts, resolve_dtype
+from core.precision import CpuIsa, cpu_isa, precision_facts, resolve_dtype
 
 AVX2 = CpuIsa("AMD EPYC", amx_bf16=False, avx512_bf16=False, avx512f=False, avx2=True)
 AVX512_BF16 = CpuIsa("AMD EPYC", amx_bf16=False, avx512_bf16=True, avx512f=True, avx2=True)
@@ -59,7 +59,7 @@ def test_cpu_isa_reads_this_machine():
 def test_configs_validate_dtype():
     from serve.config import build_serve_config
     from specialize.config import EngineConfig
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     assert EngineConfig(dtype="float32").dtype == "float32"
     with pytest.raises(ValueError):

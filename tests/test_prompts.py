@@ -95,7 +95,7 @@ def test_subtopics_split_the_description_list_outside_parentheses():
 
 
 def test_every_shipped_description_lists_subtopics():
-    from specialize.seeds import available_domains, load_domain
+    from core.seeds import available_domains, load_domain
 
     for name in available_domains():
         topics = subtopics(load_domain(name).description)

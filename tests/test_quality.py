@@ -22,7 +22,7 @@ from specialize.quality import (
     seed_verbs,
     wellformed_verdict,
 )
-from specialize.seeds import available_domains, load_domain
+from core.seeds import available_domains, load_domain
 
 # Kept by the old filter in a biomedicine run (issue 16).
 ISSUE_16 = {
@@ -235,7 +235,7 @@ def test_perplexity_scores_the_task_tokens_only():
 
 
 def test_build_filter_needs_an_engine_for_the_perplexity_check(encoder, biomedicine):
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="max_perplexity_ratio"):
         build_filter(biomedicine, FilterConfig(), None, encoder)

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 import specialize.publish as publish_mod
-from specialize.errors import RegistryError
+from core.errors import RegistryError
 from specialize.publish import ensure_writable, publish_expert
-from specialize.registry import REGISTRY_FILE, load_registry, read_version, version_dirs
-from specialize.seeds import load_domain
+from core.registry import REGISTRY_FILE, load_registry, read_version, version_dirs
+from core.seeds import load_domain
 from tests.conftest import write_domain
 
 

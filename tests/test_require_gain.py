@@ -10,8 +10,8 @@ import pytest
 
 from router.types import RouteChoice
 from serve.config import build_serve_config
-from specialize.errors import RegistryError
-from specialize.registry import GainInfo, gain_refusal, load_registry
+from core.errors import RegistryError
+from core.registry import GainInfo, gain_refusal, load_registry
 from tests.test_serve import ask, make
 
 HELPS = {"metric": "validation_score", "expert": 0.45, "base": 0.38, "diff": 0.07,
@@ -111,7 +111,7 @@ def test_require_gain_config():
     # YAML 1.1 reads a bare on/off as a boolean
     assert build_serve_config({"router": {"require_gain": True}}).router.require_gain == "on"
     assert build_serve_config({"router": {"require_gain": False}}).router.require_gain == "off"
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="require_gain"):
         build_serve_config({"router": {"require_gain": "always"}})
@@ -148,7 +148,7 @@ def test_the_gain_round_trips(tmp_path):
 
 def test_publish_stores_the_measured_gain(tmp_path):
     from specialize.publish import publish_expert
-    from specialize.seeds import load_domain
+    from core.seeds import load_domain
     from tests.conftest import write_domain
     from tests.test_registry import fake_work
 

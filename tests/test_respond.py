@@ -9,9 +9,9 @@ import pytest
 
 from specialize.config import RespondConfig
 from specialize.engine import Completion
-from specialize.jsonl import append_jsonl, read_jsonl
+from core.jsonl import append_jsonl, read_jsonl
 from specialize.respond import generate_responses
-from specialize.seeds import load_domain
+from core.seeds import load_domain
 from tests.conftest import write_domain
 
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from specialize.rouge import RougeIndex, rouge_l, tokenize
+from core.rouge import RougeIndex, rouge_l, tokenize
 
 
 def test_tokenize_matches_rouge_score_default():

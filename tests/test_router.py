@@ -22,7 +22,7 @@ from router.scoring import decide, expert_scores
 from router.types import RouteChoice, RouterError, ScoringConfig
 from router.vectors import choose_kind, index_kind
 from specialize.cli import main
-from specialize.registry import (
+from core.registry import (
     ExpertEntry,
     LoraInfo,
     Registry,

@@ -17,7 +17,7 @@ from router.seedset import (
     seed_exemplars,
     user_routing_files,
 )
-from specialize.rouge import RougeIndex
+from core.rouge import RougeIndex
 
 CLASSES = {"biomedicine", "finance", "law", "math", "none"}
 NEAR_COPY = 0.7  # ROUGE-L F1, the bound seeds/README.md sets for eval and routing items

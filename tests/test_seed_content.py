@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from specialize.checks import evaluate, final_answer, matches
-from specialize.rouge import RougeIndex
-from specialize.seeds import RoutingItem, available_domains, load_domain, load_jsonl, seeds_root
+from core.rouge import RougeIndex
+from core.seeds import RoutingItem, available_domains, load_domain, load_jsonl, seeds_root
 
 DOMAINS = ["biomedicine", "finance", "law", "math"]
 
@@ -90,7 +90,7 @@ def test_validation_split_is_apart_from_everything_else(domain):
     scored by likelihood (multiple choice and yes/no only), balanced, and no reworded copy of a
     seed, an eval item (the reported numbers), a routing query or another validation item."""
     from specialize.gain import SCORED, VALIDATION_FILE
-    from specialize.seeds import EvalItem
+    from core.seeds import EvalItem
 
     items = load_jsonl(domain.root / VALIDATION_FILE, EvalItem)
     assert len(items) >= 60 and {e.type for e in items} <= set(SCORED)

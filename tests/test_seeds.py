@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from specialize.errors import SeedError, UnknownDomainError
-from specialize.seeds import load_domain
+from core.errors import SeedError, UnknownDomainError
+from core.seeds import load_domain
 from tests.conftest import write_domain
 
 

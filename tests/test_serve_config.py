@@ -16,8 +16,8 @@ from serve.adapters import lora_int_id, plan_engine, round_up_rank
 from serve.config import build_serve_config
 from serve.errors import InvalidRequestError, PayloadTooLargeError, UnknownModelError, map_exception
 from serve.watch import RegistryWatch
-from specialize.errors import ConfigError, ExpertNotFoundError, RegistryError
-from specialize.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
+from core.errors import ConfigError, ExpertNotFoundError, RegistryError
+from core.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 from tests.conftest import REPO
 
 # Serve configs; kuberay.yaml and cluster-launcher.yaml wrap them (tests/test_deploy_files.py).
@@ -119,7 +119,7 @@ def test_build_app_refuses_an_unreadable_registry(tmp_path):
 
 
 def test_lora_limits_come_from_the_registry(monkeypatch):
-    monkeypatch.setattr("specialize.base_model.resolve_base_model", lambda s: Path("/m") / s)
+    monkeypatch.setattr("core.base_model.resolve_base_model", lambda s: Path("/m") / s)
     cfg = build_serve_config({"base_model": "tiny"})
     plan = plan_engine(cfg, registry(entry("a"), entry("b", rank=32), entry("c", rank=7)))
     assert (plan.max_lora_rank, plan.max_loras, plan.max_cpu_loras) == (32, 3, 7)

@@ -14,7 +14,7 @@ from router.types import RouteChoice, RouterError
 from serve.clients import ERROR, RESPONSE
 from serve.engine import EngineServer
 from serve.router_deployment import RouterServer
-from specialize.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
+from core.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 
 
 class FakeBackend:
@@ -75,7 +75,7 @@ def publish(experts: Path, base: Path, name: str, version: int = 1, rank: int = 
 
 
 def _load(experts):
-    from specialize.registry import load_registry
+    from core.registry import load_registry
     return load_registry(experts)
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from specialize.errors import AdapterError
-from specialize.validate import validate_adapter
+from core.errors import AdapterError
+from core.lora import validate_adapter
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from specialize.jsonl import read_jsonl
-from specialize.registry import load_registry
+from core.jsonl import read_jsonl
+from core.registry import load_registry
 from tests.conftest import REPO, FakeGenerator, write_domain
 
 pytestmark = pytest.mark.integration

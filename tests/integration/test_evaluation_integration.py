@@ -148,7 +148,7 @@ def test_lm_eval_local_completions_against_the_endpoint(serve_app, tiny_model, t
     # constant for each option of an item), so acc agrees item by item.
     from evaluation.backends import HttpBackend, probe_endpoint
     from evaluation.run import _requests, _score
-    from specialize.seeds import load_domain
+    from core.seeds import load_domain
 
     items = [it for it in load_domain("finance").eval_items if it.type == "multiple_choice"][:4]
     backend = HttpBackend(probe_endpoint(url, SERVE_API_KEY), SERVE_API_KEY, str(tiny_model))

@@ -137,7 +137,7 @@ def test_models_and_health_report_the_corrupt_adapter(serve_app, client):
     models = {m.id: m.model_dump() for m in client.models.list().data}
     assert list(models)[:2] == ["auto", "base"] and {"finance", "law"} <= set(models)
     assert "biomedicine" not in models
-    from specialize.seeds import load_domain
+    from core.seeds import load_domain
     assert models["finance"]["description"] == load_domain("finance").description
     # each expert's measured gain over the base (None: unmeasured) and the rule auto applies
     from tests.integration.tiny_experts import TINY_GAINS
@@ -149,7 +149,7 @@ def test_models_and_health_report_the_corrupt_adapter(serve_app, client):
 
 
 def test_health_reports_the_cpu_and_the_dtype_vllm_computes_in(serve_app):
-    from specialize.precision import cpu_isa, resolve_dtype
+    from core.precision import cpu_isa, resolve_dtype
 
     url, _ = serve_app
     p = httpx.get(f"{url}/health").json()["precision"]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from specialize.config import build_config
-from specialize.jsonl import read_jsonl
+from core.jsonl import read_jsonl
 from specialize.pipeline import specialize
-from specialize.registry import load_registry
-from specialize.rouge import rouge_l
+from core.registry import load_registry
+from core.rouge import rouge_l
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def test_pipeline_publishes_a_complete_expert(published, tiny_model):
     # the published adapter (round 2) scored against the base on seeds/math/validation.jsonl
     from specialize.config import GainConfig
     from specialize.gain import load_validation
-    from specialize.seeds import load_domain
+    from core.seeds import load_domain
     assert entry.gain is not None and results[0]["gain"] == entry.gain.model_dump()
     assert entry.gain.n == len(load_validation(load_domain("math"), GainConfig()))
     loss = json.loads((version / "loss.json").read_text())
@@ -82,7 +82,7 @@ def test_pipeline_publishes_a_complete_expert(published, tiny_model):
 
 
 def test_training_data_was_written_by_the_model_not_copied(published):
-    from specialize.seeds import load_domain
+    from core.seeds import load_domain
 
     experts, _, _ = published
     data = Path(experts / "math" / "data")
@@ -194,7 +194,7 @@ def test_second_run_publishes_version_2(published, tiny_model, engine, tmp_path)
 
 
 def test_interrupted_run_resumes_without_duplicates(tmp_path, tiny_model, engine):
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
     from tests.integration.conftest import Shared
 
     experts = tmp_path / "experts"
@@ -251,7 +251,7 @@ def test_stop_after_previews_the_data_and_resumes(tmp_path, tiny_model, engine):
 def test_meaning_filters_reject_a_random_model_s_noise(tmp_path, tiny_model, engine):
     """With the default filters, a random model's text is rejected with the reasons that say
     why (not a task, a fragment, off the domain); the run stops with that said."""
-    from specialize.errors import ConfigError
+    from core.errors import ConfigError
     from tests.integration.conftest import Shared
 
     experts = tmp_path / "experts"

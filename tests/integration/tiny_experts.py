@@ -42,7 +42,7 @@ def publish_tiny_expert(experts_dir: Path, base: Path, domain_name: str, seed: i
                         work: Path, description: str | None = None, rank: int = 8,
                         gain: dict | None = None):
     from specialize.publish import publish_expert
-    from specialize.seeds import load_domain
+    from core.seeds import load_domain
 
     domain = load_domain(domain_name)
     if description:

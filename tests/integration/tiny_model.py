@@ -10,7 +10,7 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from specialize.base_model import resolve_base_model
+    from core.base_model import resolve_base_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("smollm2-135m-instruct"))
     config = LlamaConfig(

@@ -13,8 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from specialize.errors import RegistryError, SeedError, UnknownDomainError
-from specialize.registry import check_name
+from core.errors import RegistryError, SeedError, UnknownDomainError
+from core.registry import check_name
 
 MIN_SEEDS = 8  # fewer cannot fill distinct few-shot prompts (3 for instructions, 5 for responses)
 TASK_TYPES = ("qa", "yes_no", "multiple_choice", "classification", "extraction",

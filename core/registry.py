@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from specialize.errors import ExpertNotFoundError, RegistryError
+from core.errors import ExpertNotFoundError, RegistryError
 
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from specialize.errors import BaseModelError
+from core.errors import BaseModelError
 
 log = logging.getLogger(__name__)
 

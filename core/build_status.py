@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from specialize.registry import atomic_write_text, utcnow
+from core.registry import atomic_write_text, utcnow
 
 BUILD_STATUS_FILE = "building.json"
 BUILD_STATUS_FORMAT = 1

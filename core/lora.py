@@ -1,4 +1,4 @@
-"""Stage 6: check an adapter against vLLM's LoRA serving rules before it is published.
+"""vLLM's LoRA serving rules: the ranks it loads, and the adapter check run before publishing.
 
 The rules mirror vLLM's `PEFTHelper` (vllm/lora/peft_helper.py) and `LoRAConfig.max_lora_rank`;
 when vLLM is importable its own validator runs too, so a rule vLLM adds later is not missed.
@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from specialize.config import VLLM_LORA_RANKS
-from specialize.errors import AdapterError
+from core.errors import AdapterError
+
+# vLLM's LoRA loader accepts only these ranks (vllm/config/lora.py, `max_lora_rank` choices).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def base_module_names(base_model_path: Path) -> set[str]:
