@@ -5,6 +5,7 @@ engines' logs so the progress bars stay readable."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -55,6 +56,19 @@ def _specialize_parser(sub) -> None:
                    help="2: regenerate answers with the round-1 expert, retrain (paper's iterative variant)")
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=8)
+    t = p.add_argument_group("training at scale", "Stage 5 runs TRL's SFTTrainer; these switch on "
+                             "what a big model or a long run needs.")
+    t.add_argument("--quantize", choices=["none", "4bit"], default="none",
+                   help="4bit: QLoRA, the frozen base in 4-bit NF4 (needs a CUDA GPU and "
+                   "bitsandbytes; default %(default)s)")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, slower steps")
+    t.add_argument("--packing", action="store_true",
+                   help="pack several examples into each max-length row (kept apart by their "
+                   "position ids)")
+    t.add_argument("--save-steps", type=int, default=None, metavar="N",
+                   help="checkpoint training every N optimizer steps, so that --resume continues "
+                   "from the newest checkpoint instead of restarting the stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="engine precision: auto = bf16 where the CPU has AMX/AVX512-BF16 (or on a GPU), "
@@ -106,7 +120,9 @@ def _run_specialize(args) -> int:
                  else args.retrieval, "repetition_penalty": args.repetition_penalty},
         train={"rank": args.rank, "alpha": args.alpha or 2 * args.rank, "epochs": args.epochs,
                "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-               "seed": args.seed},
+               "seed": args.seed, "quantize": args.quantize,
+               "gradient_checkpointing": args.gradient_checkpointing, "packing": args.packing,
+               "save_steps": args.save_steps},
         validate={"max_lora_rank": args.max_lora_rank},
         gain={"enabled": not args.no_gain},
     )
@@ -119,6 +135,10 @@ def _run_specialize(args) -> int:
                           "--ray-address auto|local|ADDR")
     if args.stop_after and args.ray_address:
         raise ConfigError("--stop-after previews one machine's run: drop --ray-address")
+    if not args.ray_address:  # on Ray the training task checks its own node, not the driver
+        from specialize.train import check_quantize
+
+        check_quantize(cfg.train.quantize)
     failed: dict[str, str] = {}
     try:
         if args.ray_address:
@@ -129,7 +149,8 @@ def _run_specialize(args) -> int:
                 task_gpus=args.task_gpus, task_memory_gib=args.task_memory_gib,
                 log_to_driver=args.verbose)
             outcome = specialize_distributed(domains, cfg, dcfg, resume=args.resume,
-                                             restart=args.restart)
+                                             restart=args.restart,
+                                             make_encoder=dense_encoder(cfg))
             results, failed = outcome.results, outcome.failed
         else:
             results = _specialize_locally(domains, cfg, args)
@@ -168,12 +189,24 @@ def _specialize_locally(domains: list[str], cfg, args) -> list[dict]:
         f"{continue_command(argv)}")
     with ProgressMonitor(cfg.experts_dir, domains, console, rounds=cfg.rounds):
         stop = getattr(args, "stop_after", None)
+        make_encoder = dense_encoder(cfg)
         if not args.publish_each:
             return specialize(domains, cfg, resume=args.resume, restart=args.restart,
-                              stop_after=stop)
+                              stop_after=stop, make_encoder=make_encoder)
         return [r for d in domains
                 for r in specialize([d], cfg, resume=args.resume, restart=args.restart,
-                                    stop_after=stop)]
+                                    stop_after=stop, make_encoder=make_encoder)]
+
+
+def dense_encoder(cfg):
+    """What `--retrieval dense` embeds passages with: the router's embedded encoder, one model
+    for routing and retrieval. Handed over as a factory (a Ray task builds its own; a run whose
+    answers are already written builds none); specialize itself never imports the router."""
+    if cfg.respond.retrieval != "dense":
+        return None
+    from router.encoder import load_encoder
+
+    return functools.partial(load_encoder, None)
 
 
 def _generation_flags(args) -> dict:

@@ -37,7 +37,7 @@ from core.base_model import resolve_base_model
 from specialize.config import SpecializeConfig
 from specialize.engine import build_vllm_generator
 from core.errors import ConfigError, SelfspecError
-from specialize.pipeline import rebuild_router_index
+from specialize.pipeline import check_encoder, rebuild_router_index
 from specialize.publish import ensure_writable
 from core.seeds import Domain, load_domain
 from specialize.shards import (
@@ -132,10 +132,12 @@ class Outcome:
 
 def specialize_distributed(domains: list[str], cfg: SpecializeConfig, dcfg: DistributedConfig,
                            resume: bool = False, restart: bool = False,
-                           make_generator=build_vllm_generator) -> Outcome:
+                           make_generator=build_vllm_generator, make_encoder=None) -> Outcome:
+    """`make_encoder`: as for `specialize()`; each task builds its own from it."""
     # --- everything that can fail fast does, on the driver, before Ray is even contacted -----
     cfg = absolute_paths(cfg)  # tasks run in other working dirs, maybe on other machines
     loaded = check_driver(domains, cfg, dcfg, resume, restart)
+    check_encoder(cfg, make_encoder)
     if restart:  # after every check: a refused run discards nothing
         for d in loaded:
             shutil.rmtree(workdir_of(cfg, d.name), ignore_errors=True)
@@ -154,7 +156,8 @@ def specialize_distributed(domains: list[str], cfg: SpecializeConfig, dcfg: Dist
         tasks = {fn.__name__: ray.remote(fn).options(**res.options(), max_retries=MAX_RETRIES)
                  for fn in (run_domain, prepare_shards, respond_shard, finish_sharded)}
         for d in loaded:
-            final, refs = _submit(tasks, d, cfg, dcfg.shards_for(d.name), make_generator, probe)
+            final, refs = _submit(tasks, d, cfg, dcfg.shards_for(d.name), make_generator, probe,
+                                  make_encoder)
             finals[final], every = d.name, every + refs
         sharded = {n: k for n in finals.values() if (k := dcfg.shards_for(n)) > 1}
         tqdm.write(f"{len(loaded)} domain(s) on Ray at {dcfg.address}: {res}" +
@@ -277,17 +280,18 @@ def check_fits(res: TaskResources, nodes: list[dict]) -> None:
 
 
 def _submit(tasks: dict, d: Domain, cfg: SpecializeConfig, shards: int, make_generator,
-            probe: Path) -> tuple:
+            probe: Path, make_encoder=None) -> tuple:
     """Submit one domain; return (the ref whose value is its summary, every ref it made)."""
     path = str(d.root.resolve())
     if shards == 1:
-        ref = tasks["run_domain"].remote(path, cfg, make_generator, probe)
+        ref = tasks["run_domain"].remote(path, cfg, make_generator, probe, make_encoder)
         return ref, [ref]
     # Ray starts a task only once the refs it is given are ready: no task holds a GPU waiting.
     prep = tasks["prepare_shards"].remote(path, cfg, shards, make_generator, probe)
-    parts = [tasks["respond_shard"].remote(path, cfg, i, make_generator, prep)
+    parts = [tasks["respond_shard"].remote(path, cfg, i, make_generator, prep, make_encoder)
              for i in range(shards)]
-    final = tasks["finish_sharded"].remote(path, cfg, make_generator, *parts)
+    final = tasks["finish_sharded"].remote(path, cfg, make_generator, *parts,
+                                           make_encoder=make_encoder)
     return final, [prep, *parts, final]
 
 

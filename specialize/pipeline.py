@@ -10,6 +10,7 @@ stage that was interrupted. A successful publish removes the work dir.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -61,9 +62,11 @@ _DONE_KEY = {"generate": "generate", "filter": "filter", "respond": "respond",
 
 def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
                restart: bool = False, make_generator=build_vllm_generator,
-               stop_after: str | None = None) -> list[dict]:
+               stop_after: str | None = None, make_encoder=None) -> list[dict]:
     """Run every stage and publish; with `stop_after`, stop after that stage instead, keep the
-    work dirs for `--resume`, write each one's data card there and return where it is."""
+    work dirs for `--resume`, write each one's data card there and return where it is.
+    `make_encoder()`: the sentence encoder `--retrieval dense` embeds passages with, built at
+    most once, when a respond stage first needs it (the caller owns the choice of encoder)."""
     # --- everything that can fail fast does, before a model is loaded -------------------------
     if stop_after is not None and stop_after not in STAGES:
         raise ConfigError(f"--stop-after {stop_after!r} is no stage; use one of "
@@ -76,6 +79,8 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
     corpus = cfg.respond.corpus
     if cfg.respond.retrieval != "none" and corpus and not any(Path(corpus).glob("*.md")):
         raise ConfigError(f"--corpus {corpus} is not a folder of Markdown (.md) passages")
+    check_encoder(cfg, make_encoder)
+    make_encoder = functools.cache(make_encoder) if make_encoder is not None else None
     # The validation splits the new experts are scored on (a bad file fails now, not after
     # training); a domain without one publishes with no measured gain.
     validation = {d.name: load_validation(d, cfg.gain) for d in loaded}
@@ -93,7 +98,7 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         generator = make_generator(base_path, cfg.engine)
         try:
             for run in need:
-                _generate_data(run, cfg, generator, last)
+                _generate_data(run, cfg, generator, last, make_encoder)
         finally:
             generator.close()
     if stop_after == last:
@@ -113,7 +118,7 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
             generator = make_generator(base_path, cfg.engine, cfg.validate_.max_lora_rank)
             try:
                 for i, run in enumerate(need, 1):
-                    _respond_round2(run, cfg, generator, i)
+                    _respond_round2(run, cfg, generator, i, make_encoder)
             finally:
                 generator.close()
         for run in runs:
@@ -229,14 +234,14 @@ def prepare_run(domain: Domain, workdir: Path, cfg: SpecializeConfig, resume: bo
 
 
 def _generate_data(run: DomainRun, cfg: SpecializeConfig, generator: Generator,
-                   last: str = "filter_responses") -> None:
+                   last: str = "filter_responses", make_encoder=None) -> None:
     write_instructions(run, cfg, generator, through=last)
     if last in ("generate", "filter"):
         return
     if not run.done("respond"):
         t = time.time()
         res = generate_responses(run.domain, cfg.respond, generator, run.workdir,
-                                 retriever_for(run.domain, cfg))
+                                 retriever_for(run.domain, cfg, make_encoder))
         run.finish("respond", res, time.time() - t)
     if last != "respond":
         filter_answers(run, cfg)
@@ -274,11 +279,21 @@ def filter_answers(run: DomainRun, cfg: SpecializeConfig) -> None:
         run.finish("respond_filter", res, time.time() - t)
 
 
-def retriever_for(domain: Domain, cfg: SpecializeConfig):
+def check_encoder(cfg: SpecializeConfig, make_encoder) -> None:
+    """Dense retrieval without an encoder fails now, not after the instructions are written."""
+    if cfg.respond.retrieval == "dense" and make_encoder is None:
+        raise ConfigError("--retrieval dense needs a sentence encoder, and none was passed: "
+                          "the caller builds it (the selfspec CLI passes the router's "
+                          "embedded one)")
+
+
+def retriever_for(domain: Domain, cfg: SpecializeConfig, make_encoder=None):
     corpus = cfg.respond.corpus or domain.corpus_dir
     if cfg.respond.retrieval == "none" or corpus is None:
         return None
-    return build_retriever(Path(corpus), cfg.respond.retrieval, cfg.respond.passage_words)
+    encoder = make_encoder() if cfg.respond.retrieval == "dense" and make_encoder else None
+    return build_retriever(Path(corpus), cfg.respond.retrieval, cfg.respond.passage_words,
+                           encoder)
 
 
 def _train(run: DomainRun, cfg: SpecializeConfig, base_path: Path, data_stage: str,
@@ -297,12 +312,13 @@ def _train(run: DomainRun, cfg: SpecializeConfig, base_path: Path, data_stage: s
 
 
 def _respond_round2(run: DomainRun, cfg: SpecializeConfig, generator: Generator,
-                    int_id: int) -> None:
+                    int_id: int, make_encoder=None) -> None:
     adapter = Adapter(f"{run.domain.name}-round1", int_id, run.workdir / "train" / "adapter")
     if not run.done("respond2"):
         t = time.time()
         res = generate_responses(run.domain, cfg.respond, generator, run.workdir,
-                                 retriever_for(run.domain, cfg), adapter=adapter, stage="respond2")
+                                 retriever_for(run.domain, cfg, make_encoder), adapter=adapter,
+                                 stage="respond2")
         run.finish("respond2", res, time.time() - t)
     if not run.done("respond2_filter"):
         t = time.time()

@@ -1,7 +1,9 @@
 """Passage retrieval over a domain corpus, for knowledge-grounded responses.
 
-BM25 (bm25s, the paper's choice) or dense retrieval (the router's sentence-transformers encoder +
-an exact FAISS inner-product index). The corpus is Markdown files, cut into passages of at most
+BM25 (bm25s, the paper's choice) or dense retrieval (a sentence encoder + an exact FAISS
+inner-product index). The dense retriever is handed its encoder by the caller (the `selfspec` CLI
+passes the router's embedded one): specialize never imports the router. An encoder is anything
+with `encode(texts) -> (n, dim) float32` whose rows are L2-normalized, so inner product is cosine. The corpus is Markdown files, cut into passages of at most
 `passage_words` words on paragraph boundaries so that a retrieved passage fits a small context.
 """
 
@@ -11,6 +13,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+
+from core.errors import ConfigError
 
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
 
@@ -52,12 +56,16 @@ class Retriever:
         elif method == "dense":
             import faiss
 
+            if encoder is None:
+                raise ConfigError("--retrieval dense needs a sentence encoder, and none was "
+                                  "passed: the caller builds it (the selfspec CLI passes the "
+                                  "router's embedded one)")
             self.encoder = encoder
-            vecs = np.asarray(encoder.encode(passages, normalize_embeddings=True), dtype="float32")
+            vecs = _vectors(encoder, passages)
             self.index = faiss.IndexFlatIP(vecs.shape[1])
             self.index.add(vecs)
         else:
-            raise ValueError(f"unknown retrieval method {method!r}")
+            raise ConfigError(f"unknown retrieval method {method!r}: use bm25 or dense")
 
     def search(self, queries: list[str], k: int) -> list[list[int]]:
         k = min(k, len(self.passages))
@@ -68,16 +76,16 @@ class Retriever:
                                                          show_progress=False),
                                           k=k, show_progress=False)
             return [list(map(int, row)) for row in docs]
-        vecs = np.asarray(self.encoder.encode(queries, normalize_embeddings=True), dtype="float32")
-        _, ids = self.index.search(vecs, k)
+        _, ids = self.index.search(_vectors(self.encoder, queries), k)
         return [list(map(int, row)) for row in ids]
 
 
-def build_retriever(corpus_dir: Path, method: str, passage_words: int) -> Retriever:
-    passages = load_passages(corpus_dir, passage_words)
-    encoder = None
-    if method == "dense":
-        from router.encoder import load_encoder  # the router's encoder: one embedding model
+def _vectors(encoder, texts: list[str]) -> np.ndarray:
+    # FAISS wants C-contiguous float32; the encoder's rows are already unit length.
+    return np.ascontiguousarray(encoder.encode(texts), dtype="float32")
 
-        encoder = load_encoder()
-    return Retriever(passages, method, encoder)
+
+def build_retriever(corpus_dir: Path, method: str, passage_words: int,
+                    encoder=None) -> Retriever:
+    """`encoder`: required for "dense" (see the module docstring), unused for "bm25"."""
+    return Retriever(load_passages(corpus_dir, passage_words), method, encoder)

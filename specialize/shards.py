@@ -33,10 +33,12 @@ from specialize.respond import generate_responses
 from core.seeds import load_domain
 
 
-def run_domain(domain_path: str, cfg: SpecializeConfig, make_generator, probe: Path) -> dict:
+def run_domain(domain_path: str, cfg: SpecializeConfig, make_generator, probe: Path,
+               make_encoder=None) -> dict:
     """The whole sequential pipeline for one domain; resume=True, so a retried task goes on."""
     check_shared(domain_path, probe)
-    return specialize([domain_path], cfg, resume=True, make_generator=make_generator)[0]
+    return specialize([domain_path], cfg, resume=True, make_generator=make_generator,
+                      make_encoder=make_encoder)[0]
 
 
 def prepare_shards(domain_path: str, cfg: SpecializeConfig, shards: int, make_generator,
@@ -69,7 +71,7 @@ def prepare_shards(domain_path: str, cfg: SpecializeConfig, shards: int, make_ge
 
 
 def respond_shard(domain_path: str, cfg: SpecializeConfig, index: int, make_generator,
-                  _prepared: int) -> dict:
+                  _prepared: int, make_encoder=None) -> dict:
     """Sharded domain, step 2 (K of these at once): answer one slice with its own engine."""
     domain = load_domain(domain_path)
     wd, sd = workdir_of(cfg, domain.name), _shard_dir(workdir_of(cfg, domain.name), index)
@@ -80,17 +82,19 @@ def respond_shard(domain_path: str, cfg: SpecializeConfig, index: int, make_gene
         return {"responses": len(todo), "new": 0, "seconds": 0.0}  # no engine start for nothing
     generator = make_generator(resolve_base_model(cfg.base_model), cfg.engine)
     try:
-        return generate_responses(domain, cfg.respond, generator, sd, retriever_for(domain, cfg))
+        return generate_responses(domain, cfg.respond, generator, sd,
+                                  retriever_for(domain, cfg, make_encoder))
     finally:
         generator.close()
 
 
 def finish_sharded(domain_path: str, cfg: SpecializeConfig, make_generator,
-                   *shard_results: dict) -> dict:
+                   *shard_results: dict, make_encoder=None) -> dict:
     """Sharded domain, step 3: merge and filter the answers, then the pipeline's own train /
     validate / publish (it finds every stage up to respond_filter done)."""
     merge_shards(domain_path, cfg, shard_results)
-    return specialize([domain_path], cfg, resume=True, make_generator=make_generator)[0]
+    return specialize([domain_path], cfg, resume=True, make_generator=make_generator,
+                      make_encoder=make_encoder)[0]
 
 
 def merge_shards(domain_path: str, cfg: SpecializeConfig, shard_results) -> None:

@@ -207,8 +207,8 @@ def test_cli_reports_failed_domains_and_exits_1(tmp_path, seeds, monkeypatch, ca
                "path": "e/alpha"}
     seen = {}
 
-    def fake(domains, cfg, dcfg, resume, restart):
-        seen.update(domains=domains, dcfg=dcfg)
+    def fake(domains, cfg, dcfg, resume, restart, make_encoder):
+        seen.update(domains=domains, dcfg=dcfg, make_encoder=make_encoder)
         return Outcome([summary], {"beta": "RuntimeError: boom"})
 
     monkeypatch.setattr(distributed, "specialize_distributed", fake)
@@ -220,6 +220,7 @@ def test_cli_reports_failed_domains_and_exits_1(tmp_path, seeds, monkeypatch, ca
     assert "selfspec: beta failed: RuntimeError: boom" in err and "--resume" in err
     assert seen["domains"] == ["alpha", "beta"] and seen["dcfg"].shards_for("beta") == 2
     assert seen["dcfg"].task_cpus == 2 and seen["dcfg"].task_gpus is None
+    assert seen["make_encoder"] is None  # BM25 by default: no encoder for the tasks
 
 
 def test_reason_unwraps_the_task_error():
