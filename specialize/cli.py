@@ -24,55 +24,63 @@ def _specialize_parser(sub) -> None:
     p.add_argument("domains", nargs="*", metavar="DOMAIN",
                    help="domain names under seeds/ (or folders holding a seeds.yaml)")
     p.add_argument("--all", action="store_true", help="every domain under seeds/")
-    p.add_argument("--base-model", default="smollm2-135m-instruct",
-                   help="local HF folder, hub id, or builtin alias (default: %(default)s)")
-    p.add_argument("--experts-dir", type=Path, default=Path("experts"))
-    p.add_argument("--num-instructions", type=int, default=96,
-                   help="target kept instructions per domain (paper: ~5000; default %(default)s)")
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (vLLM: 1,8,16,32,64,...)")
-    p.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
-    p.add_argument("--max-lora-rank", type=int, default=16,
-                   help="the serving engine's max_lora_rank the adapter must fit")
-    p.add_argument("--no-gain", action="store_true",
-                   help="do not score each new expert against the base model on its domain's "
-                   "validation.jsonl (auto then treats it as unmeasured: router.require_gain)")
-    p.add_argument("--corpus", default=None, metavar="PATH|none",
-                   help="corpus folder for grounded answers (default: the domain's corpus/), "
-                   "or 'none' for ungrounded")
-    p.add_argument("--retrieval", choices=["bm25", "dense"], default="bm25")
-    p.add_argument("--instruction-focus", choices=["none", "subtopic", "passage"], default=None,
-                   help="what each instruction prompt is about: the whole domain, one subtopic "
-                   "of the description, or one corpus passage (default: the config's)")
-    p.add_argument("--instruction-prompt", choices=["list", "chat"], default=None,
-                   help="instruction prompts as plain list completion or as a chat turn "
-                   "(default: the config's)")
-    p.add_argument("--instruction-temperature", type=float, default=None,
-                   help="sampling temperature for instructions (default: the config's)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="for answers; >1 (e.g. 1.1) curbs a small model's greedy loops "
-                   "(default %(default)s: the paper's plain greedy)")
-    p.add_argument("--rounds", type=int, default=1, choices=[1, 2],
-                   help="2: regenerate answers with the round-1 expert, retrain (paper's iterative variant)")
-    p.add_argument("--learning-rate", type=float, default=3e-4)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a YAML/JSON file of settings shaped like a run's saved config.json "
+                   "(generate: {temperature: 0.7}, ...); the flags below override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config field, e.g. generate.temperature=0.7 or "
+                   "filter.relevance=false (repeatable; overrides the flags and --config)")
+    f = functools.partial(_config_flag, p)
+    f("--base-model", "base_model",
+      help="local HF folder, hub id, or builtin alias")
+    f("--experts-dir", "experts_dir", type=Path)
+    f("--num-instructions", "generate.num_instructions", type=int,
+      help="target kept instructions per domain (paper: ~5000)")
+    f("--epochs", "train.epochs", type=float)
+    f("--rank", "train.rank", type=int, help="LoRA rank (vLLM: 1,8,16,32,64,...)")
+    f("--alpha", "train.alpha", type=int, help="LoRA alpha", shown="2 x rank")
+    f("--max-lora-rank", "validate.max_lora_rank", type=int,
+      help="the serving engine's max_lora_rank the adapter must fit")
+    f("--no-gain", "gain.enabled", action="store_false", shown=None,
+      help="do not score each new expert against the base model on its domain's "
+      "validation.jsonl (auto then treats it as unmeasured: router.require_gain)")
+    f("--corpus", "respond.corpus", metavar="PATH|none", shown="the domain's corpus/",
+      help="corpus folder for grounded answers, or 'none' for ungrounded")
+    f("--retrieval", "respond.retrieval", choices=["bm25", "dense"],
+      help="how answers find their passages: BM25, or the router's sentence encoder")
+    f("--instruction-focus", "generate.focus", choices=["none", "subtopic", "passage"],
+      help="what each instruction prompt is about: the whole domain, one subtopic of the "
+      "description, or one corpus passage")
+    f("--instruction-prompt", "generate.prompt_format", choices=["list", "chat"],
+      help="instruction prompts as plain list completion or as a chat turn")
+    f("--instruction-temperature", "generate.temperature", type=float,
+      help="sampling temperature for instructions")
+    f("--repetition-penalty", "respond.repetition_penalty", type=float,
+      help="for answers; >1 (e.g. 1.1) curbs a small model's greedy loops (1.0: the paper's "
+      "plain greedy)")
+    f("--rounds", "rounds", type=int, choices=[1, 2],
+      help="2: regenerate answers with the round-1 expert, retrain (paper's iterative variant)")
+    f("--learning-rate", "train.learning_rate", type=float)
+    f("--batch-size", "train.batch_size", type=int)
     t = p.add_argument_group("training at scale", "Stage 5 runs TRL's SFTTrainer; these switch on "
                              "what a big model or a long run needs.")
-    t.add_argument("--quantize", choices=["none", "4bit"], default="none",
-                   help="4bit: QLoRA, the frozen base in 4-bit NF4 (needs a CUDA GPU and "
-                   "bitsandbytes; default %(default)s)")
-    t.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, slower steps")
-    t.add_argument("--packing", action="store_true",
-                   help="pack several examples into each max-length row (kept apart by their "
-                   "position ids)")
-    t.add_argument("--save-steps", type=int, default=None, metavar="N",
-                   help="checkpoint training every N optimizer steps, so that --resume continues "
-                   "from the newest checkpoint instead of restarting the stage")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="engine precision: auto = bf16 where the CPU has AMX/AVX512-BF16 (or on a GPU), "
-                   "float32 on other CPUs (default: %(default)s)")
+    tf = functools.partial(_config_flag, t)
+    tf("--quantize", "train.quantize", choices=["none", "4bit"],
+       help="4bit: QLoRA, the frozen base in 4-bit NF4 (needs a CUDA GPU and bitsandbytes)")
+    tf("--gradient-checkpointing", "train.gradient_checkpointing", action="store_true",
+       shown=None, help="recompute activations in the backward pass: less memory, slower steps")
+    tf("--packing", "train.packing", action="store_true", shown=None,
+       help="pack several examples into each max-length row (kept apart by their position ids)")
+    tf("--save-steps", "train.save_steps", type=int, metavar="N", shown="no checkpoints",
+       help="checkpoint training every N optimizer steps, so that --resume continues from the "
+       "newest checkpoint instead of restarting the stage")
+    f("--seed", "engine.seed", "train.seed", type=int)
+    f("--dtype", "engine.dtype", choices=DTYPES,
+      help="engine precision: auto = bf16 where the CPU has AMX/AVX512-BF16 (or on a GPU), "
+      "float32 on other CPUs")
+    f("--tensor-parallel-size", "engine.tensor_parallel_size", type=int, metavar="N",
+      help="GPUs each generation engine shards the base model over (vLLM tensor parallelism), "
+      "for a model larger than one GPU; on Ray each domain task then asks for N GPUs")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run")
     g.add_argument("--restart", action="store_true", help="discard an interrupted run")
@@ -103,29 +111,15 @@ def _specialize_parser(sub) -> None:
 
 
 def _run_specialize(args) -> int:
-    from specialize.config import build_config
     from core.errors import ConfigError
+    from specialize.config import resolve_config
     from specialize.pipeline import format_summary
     from core.seeds import available_domains
 
     if args.all == bool(args.domains):
         raise ConfigError("name the domains to specialize, or pass --all (not both); "
                           f"available: {', '.join(available_domains()) or 'none'}")
-    corpus = None if args.corpus in (None, "none") else Path(args.corpus)
-    cfg = build_config(
-        base_model=args.base_model, experts_dir=args.experts_dir, rounds=args.rounds,
-        engine={"seed": args.seed, "dtype": args.dtype},
-        generate={"num_instructions": args.num_instructions, **_generation_flags(args)},
-        respond={"corpus": corpus, "retrieval": "none" if args.corpus == "none"
-                 else args.retrieval, "repetition_penalty": args.repetition_penalty},
-        train={"rank": args.rank, "alpha": args.alpha or 2 * args.rank, "epochs": args.epochs,
-               "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-               "seed": args.seed, "quantize": args.quantize,
-               "gradient_checkpointing": args.gradient_checkpointing, "packing": args.packing,
-               "save_steps": args.save_steps},
-        validate={"max_lora_rank": args.max_lora_rank},
-        gain={"enabled": not args.no_gain},
-    )
+    cfg = resolve_config(args.config, flag_settings(args), args.set)
     domains = available_domains() if args.all else args.domains
     ray_flags = [f for f, v in (("--shards", args.shards), ("--task-cpus", args.task_cpus),
                                 ("--task-gpus", args.task_gpus),
@@ -209,11 +203,43 @@ def dense_encoder(cfg):
     return functools.partial(load_encoder, None)
 
 
-def _generation_flags(args) -> dict:
-    """The instruction-generation flags that were given (the others keep the config default)."""
-    given = {"focus": args.instruction_focus, "prompt_format": args.instruction_prompt,
-             "temperature": args.instruction_temperature}
-    return {k: v for k, v in given.items() if v is not None}
+# The flags that set config fields: dest -> the dotted keys it sets. Each flag's default is None
+# (not given): the config models in specialize/config.py hold the one default, which the help
+# text shows.
+CONFIG_FLAGS: dict[str, tuple[str, ...]] = {}
+
+
+def _config_flag(group, flag: str, *keys: str, help: str = "", shown: object = "model",
+                 **kw) -> None:
+    """`shown`: the default the help names ("model": the config's; None: none, for switches)."""
+    from specialize.config import default_of
+
+    dest = flag.lstrip("-").replace("-", "_")
+    CONFIG_FLAGS[dest] = keys
+    if shown == "model":
+        shown = default_of(keys[0])
+    if shown is not None:
+        help = f"{help} (default: {shown})" if help else f"default: {shown}"
+    group.add_argument(flag, dest=dest, default=None, help=help.replace("%", "%%"), **kw)
+
+
+def flag_settings(args) -> dict:
+    """The settings the given flags make, as nested sections (`--corpus none`: no retrieval)."""
+    out: dict = {}
+    for dest, keys in CONFIG_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "corpus" and value == "none":
+            out.setdefault("respond", {})["retrieval"] = "none"
+            value = None
+        for key in keys:
+            *sections, name = key.split(".")
+            node = out
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = value
+    return out
 
 
 def _ablate_parser(sub) -> None:

@@ -9,8 +9,9 @@ writes the resolved config it ran with beside its outputs. Defaults are sized so
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from core.errors import ConfigError
@@ -42,6 +43,10 @@ class EngineConfig(_Config):
     # vLLM CPU: KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB); keep it small on 2-core boxes.
     kv_cache_gib: int = Field(2, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
+    # GPUs one engine shards the model over (vLLM tensor parallelism), for a base model larger
+    # than one GPU's memory (a 70B model in bf16 needs ~140 GB). On Ray, each domain task then
+    # asks for this many GPUs.
+    tensor_parallel_size: int = Field(1, ge=1)
     # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), fp32 on other CPUs,
     # where bf16 is emulated and ~8x slower (core/precision.py).
     dtype: Dtype = "auto"
@@ -141,7 +146,9 @@ class TrainConfig(_Config):
     """Stage 5: LoRA on all linear layers, loss on the completion only."""
 
     rank: ServableRank = 8  # Self-MoE r=8; also under vLLM's default max_lora_rank of 16
-    alpha: int = Field(16, ge=1)
+    # None: 2 x rank (filled in when the config is built), so a larger rank keeps the same
+    # alpha/rank scale unless alpha is given.
+    alpha: int | None = Field(None, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
     learning_rate: float = Field(3e-4, gt=0)  # Self-MoE
@@ -154,6 +161,21 @@ class TrainConfig(_Config):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores")
+    # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only), the adapter in bf16.
+    quantize: Literal["none", "4bit"] = "none"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    packing: bool = False  # several examples per max_seq_len row, kept apart by position ids
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N optimizer steps "
+                                   "into the stage's checkpoints/ for --resume; None: none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_follows_rank(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("alpha") is None:
+            rank = data.get("rank", cls.model_fields["rank"].default)
+            if isinstance(rank, int):  # a bad rank gets its own error, not one about alpha
+                data = {**data, "alpha": 2 * rank}
+        return data
 
 
 class ValidateConfig(_Config):
@@ -207,4 +229,90 @@ def build_config(**kwargs) -> SpecializeConfig:
         return SpecializeConfig.model_validate(kwargs)
     except ValidationError as e:
         msgs = [f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(msgs)) from None
+        raise ConfigError("invalid configuration: " + "; ".join(msgs)) from None
+
+
+# ---- a run's config from its sources -------------------------------------------------------
+# Lowest first: the models' defaults < a --config file < the explicit flags < each --set. Each
+# source gives only what it sets; a section given in part keeps the rest of its fields.
+
+def resolve_config(file: Path | None = None, flags: dict | None = None,
+                   settings: list[str] = ()) -> SpecializeConfig:
+    """The validated config of a run; a bad file, key or value is one ConfigError naming it."""
+    data = load_config_file(file) if file is not None else {}
+    data = merge_settings(data, flags or {})
+    for item in settings:
+        key, value = parse_setting(item)
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        data = merge_settings(data, value)
+    return build_config(**data)
+
+
+def load_config_file(path: Path) -> dict:
+    """A YAML (or JSON) mapping of settings, shaped like the config.json a run saves."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not YAML or JSON ({str(e).splitlines()[0]})") \
+            from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings (base_model: ..., "
+                          f"generate: {{temperature: 0.7}}, ...), not a {type(data).__name__}")
+    return data
+
+
+def parse_setting(item: str) -> tuple[str, Any]:
+    """`generate.temperature=0.7` -> ("generate.temperature", 0.7); the value is read as YAML
+    (numbers, true/false, null, [lists]); the key must name a config field."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. generate.temperature=0.7")
+    check_key(key)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # a plain string that happens to look like broken YAML
+    return key, value
+
+
+def check_key(key: str) -> None:
+    """A dotted key must name a field (`generate.temperature`) or a section (`train`)."""
+    model: type[BaseModel] = SpecializeConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.alias or name: f for name, f in model.model_fields.items()}
+        where = ".".join(parts[:i]) or "the config"
+        if part not in fields:
+            raise ConfigError(f"--set {key}: {where} has no setting {part!r}; it has "
+                              f"{', '.join(sorted(fields))}")
+        sub = fields[part].annotation
+        if i < len(parts) - 1 and not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        model = sub
+
+
+def merge_settings(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (`validate_` is read as `validate`)."""
+    out = {_ALIASES.get(k, k): v for k, v in base.items()}
+    for k, v in over.items():
+        k = _ALIASES.get(k, k)
+        out[k] = merge_settings(out[k], v) if isinstance(v, dict) and \
+            isinstance(out.get(k), dict) else v
+    return out
+
+
+_ALIASES = {"validate_": "validate"}
+
+
+def default_of(key: str) -> Any:
+    """A field's default, for help texts (`default_of("train.rank")` -> 8)."""
+    value: Any = SpecializeConfig()
+    for part in key.split("."):
+        value = getattr(value, "validate_" if part == "validate" else part)
+    return value
