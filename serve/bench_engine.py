@@ -114,7 +114,7 @@ def run(spec: dict) -> dict:
     return {"requests": len(prompts), "max_tokens": spec["max_tokens"],
             "synthetic_adapters": len(extra), "max_loras": n_max,
             "rounds": max(1, spec.get("rounds", 1)),
-            "cpu_lora_ops": "fused (serve/cpu_lora_fused.py)"
+            "cpu_lora_ops": "fused (plugins/selfspec-vllm-cpu/selfspec_vllm_cpu/lora_fused.py)"
             if os.environ.get("SELFSPEC_CPU_LORA", "1") != "0" else "vLLM torch_ops",
             "setups": setups,
             "mixed_over_single": {str(n): round(setups[f"experts_{n}"]["tokens_per_s"] / single, 3)

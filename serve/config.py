@@ -113,7 +113,7 @@ class EngineOptions(_Replicas):
     num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)  # vLLM batches only what Serve lets through
     # CPU engines: move Serve's processes on this node onto the cores vLLM's worker leaves free
-    # (serve/cpu_pinning.py). No effect on GPU engines.
+    # (plugins/selfspec-vllm-cpu/selfspec_vllm_cpu/pinning.py). No effect on GPU engines.
     isolate_worker_cpus: bool = True
     # Any other AsyncEngineArgs field (e.g. tensor_parallel_size on GPUs), passed as is.
     extra_engine_args: dict = Field(default_factory=dict)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from ray import serve
@@ -61,16 +62,17 @@ class EngineServer:
         await self._isolate_worker_cpus()
 
     async def _isolate_worker_cpus(self) -> None:
-        """Serve's processes off vLLM's CPU worker cores (serve/cpu_pinning.py); repeated at
-        each health check for replicas started since."""
-        if not self.cfg.engine.isolate_worker_cpus:
+        """Serve's processes off vLLM's CPU worker cores (the CPU plugin's pinning.py); repeated
+        at each health check for replicas started since. Found by entry point, not imported:
+        without plugins/selfspec-vllm-cpu installed (GPU machines) nothing is pinned."""
+        isolate_worker_cpus = next((ep.load() for ep in entry_points(
+            group="selfspec.serve", name="isolate_worker_cpus")), None)
+        if not self.cfg.engine.isolate_worker_cpus or isolate_worker_cpus is None:
             return
         try:
             app = serve.get_replica_context().app_name
         except RayServeException:  # not running as a Serve replica (unit tests)
             return
-        from serve.cpu_pinning import isolate_worker_cpus
-
         pinning = await asyncio.to_thread(isolate_worker_cpus, app)
         if pinning != self.pinning:
             log.info("CPU pinning: %s", pinning.as_dict() if pinning else "nothing to do")

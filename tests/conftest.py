@@ -84,17 +84,3 @@ def fake_base(tmp_path) -> Path:
 def fake_generator():
     return FakeGenerator()
 
-
-@pytest.fixture
-def fresh_cpu_lora(monkeypatch):
-    """The CPU LoRA plugin's per-process state (serve/cpu_lora*.py), empty for one test."""
-    from collections import OrderedDict
-
-    from serve import cpu_lora, cpu_lora_fused
-
-    for module, name, value in ((cpu_lora, "_step", None), (cpu_lora, "_loaded", None),
-                                (cpu_lora, "_stacked", {}), (cpu_lora, "_prefill", None),
-                                (cpu_lora_fused, "_fused", OrderedDict()),
-                                (cpu_lora_fused, "_fused_for", None),
-                                (cpu_lora_fused, "_carry", None)):
-        monkeypatch.setattr(module, name, value)

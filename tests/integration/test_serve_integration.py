@@ -400,7 +400,7 @@ def _vllm_processes(replicas: list) -> tuple[list, list]:
     (by title, or by place in the tree when vLLM's titles did not take)."""
     import psutil
 
-    from serve.cpu_pinning import vllm_processes
+    from selfspec_vllm_cpu.pinning import vllm_processes
 
     found = [vllm_processes(r.pid) for r in replicas]
     return ([psutil.Process(pid) for cores, _ in found for pid in sorted(cores)],

@@ -1,4 +1,4 @@
-"""serve/cpu_pinning.py on real processes titled the way vLLM and Ray title theirs: Serve's
+"""selfspec_vllm_cpu/pinning.py on real processes titled the way vLLM and Ray title theirs: Serve's
 processes move off the worker's cores; the worker, other apps and unrelated processes do not."""
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from serve import cpu_pinning
+from selfspec_vllm_cpu import pinning
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="needs at least 2 usable cores")
@@ -65,9 +65,9 @@ def test_serve_processes_move_off_the_worker_cores(procs):
                       f"'-c', {SLEEP!r}], executable={sys.executable!r}); print('up', "
                       "flush=True); time.sleep(120)", stdout=subprocess.PIPE, text=True)
     elsewhere.stdout.readline()
-    other_proxy = next(pid for pid, ppid, _ in cpu_pinning._processes() if ppid == elsewhere.pid)
+    other_proxy = next(pid for pid, ppid, _ in pinning._processes() if ppid == elsewhere.pid)
 
-    got = cpu_pinning.isolate_worker_cpus("demo", root=engine.pid)
+    got = pinning.isolate_worker_cpus("demo", root=engine.pid)
 
     free = CPUS[1:]
     assert got is not None
@@ -79,7 +79,7 @@ def test_serve_processes_move_off_the_worker_cores(procs):
         assert affinity(pid) == CPUS, pid
     assert got.processes == 4
     # threads started later inherit the pinning; a second pass changes nothing
-    again = cpu_pinning.isolate_worker_cpus("demo", root=engine.pid)
+    again = pinning.isolate_worker_cpus("demo", root=engine.pid)
     assert again == got
 
 
@@ -91,15 +91,15 @@ def test_nothing_to_do_without_a_bound_worker(procs):
                    "time.sleep(120)", stdout=subprocess.PIPE, text=True)
     engine.stdout.readline()
     router = procs("ray::ServeReplica:demo:router")
-    assert cpu_pinning.isolate_worker_cpus("demo", root=engine.pid) is None
+    assert pinning.isolate_worker_cpus("demo", root=engine.pid) is None
     assert affinity(router.pid) == CPUS
     lone = procs("ray::ServeReplica:demo:engine")  # no worker at all
-    assert cpu_pinning.isolate_worker_cpus("demo", root=lone.pid) is None
+    assert pinning.isolate_worker_cpus("demo", root=lone.pid) is None
 
 
 # What multiprocessing's spawn runs (the command line an untitled vLLM process keeps); the
 # actual code comes through the environment.
-SPAWNED_CMD = [sys.executable, "-c", f"{cpu_pinning.SPAWNED}; import os; exec(os.environ['CODE'])"]
+SPAWNED_CMD = [sys.executable, "-c", f"{pinning.SPAWNED}; import os; exec(os.environ['CODE'])"]
 UNTITLED_WORKER = f"import os; os.sched_setaffinity(0, {{{CPUS[0]}}}); print('bound', flush=True); {SLEEP}"
 UNTITLED_CORE = f"""
 import os, subprocess, time
@@ -127,8 +127,8 @@ def test_untitled_vllm_processes_are_found_by_their_place_in_the_tree(procs):
     core, worker = map(int, engine.stdout.readline().split())
     router = procs("ray::ServeReplica:demo:router")
 
-    assert cpu_pinning.vllm_processes(engine.pid) == ({core}, {worker})
-    got = cpu_pinning.isolate_worker_cpus("demo", root=engine.pid)
+    assert pinning.vllm_processes(engine.pid) == ({core}, {worker})
+    got = pinning.isolate_worker_cpus("demo", root=engine.pid)
 
     assert got is not None and got.worker_cpus == (CPUS[0],)
     for pid in (engine.pid, core, router.pid):

@@ -42,7 +42,7 @@ def nap_seconds() -> float:
 def is_worker_process() -> bool:
     """Whether this is one of vLLM's worker processes. vLLM starts them as multiprocessing
     processes named VllmWorker-<rank>; their title (VLLM::Worker) is not always set (see
-    serve/cpu_pinning.py `vllm_processes`), the name always is."""
+    pinning.py `vllm_processes`), the name always is."""
     import multiprocessing
 
     if multiprocessing.current_process().name.startswith("VllmWorker"):

@@ -1,4 +1,4 @@
-"""The engine core's nap instead of vLLM's spin (serve/cpu_spin.py), on a stand-in condition
+"""The engine core's nap instead of vLLM's spin (selfspec_vllm_cpu/spin.py), on a stand-in condition
 with vLLM's SpinCondition.wait contract; the real class is patched in every CPU engine the
 integration tests start."""
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serve import cpu_spin
+from selfspec_vllm_cpu import spin
 
 
 class FakeCondition:
@@ -27,8 +27,8 @@ def cls():
 
 
 def test_naps_in_the_busy_window_instead_of_spinning(cls, monkeypatch):
-    monkeypatch.setattr(cpu_spin, "is_worker_process", lambda: False)
-    assert cpu_spin.install(cls, nap_s=0.002)
+    monkeypatch.setattr(spin, "is_worker_process", lambda: False)
+    assert spin.install(cls, nap_s=0.002)
     c = cls()
     t0 = time.perf_counter()
     for _ in range(5):
@@ -40,8 +40,8 @@ def test_naps_in_the_busy_window_instead_of_spinning(cls, monkeypatch):
 
 
 def test_workers_keep_vllms_spin(cls, monkeypatch):
-    monkeypatch.setattr(cpu_spin, "is_worker_process", lambda: True)
-    cpu_spin.install(cls, nap_s=0.05)
+    monkeypatch.setattr(spin, "is_worker_process", lambda: True)
+    spin.install(cls, nap_s=0.05)
     c = cls()
     t0 = time.perf_counter()
     c.wait()
@@ -49,16 +49,16 @@ def test_workers_keep_vllms_spin(cls, monkeypatch):
 
 
 def test_installs_once_and_zero_turns_it_off(cls, monkeypatch):
-    assert not cpu_spin.install(cls, nap_s=0)
+    assert not spin.install(cls, nap_s=0)
     assert cls.wait is FakeCondition.wait
-    cpu_spin.install(cls, nap_s=0.001)
+    spin.install(cls, nap_s=0.001)
     patched = cls.wait
-    cpu_spin.install(cls, nap_s=0.001)
+    spin.install(cls, nap_s=0.001)
     assert cls.wait is patched
-    monkeypatch.setenv(cpu_spin.NAP_ENV, "250")
-    assert cpu_spin.nap_seconds() == pytest.approx(250e-6)
-    monkeypatch.setenv(cpu_spin.NAP_ENV, "fast")
-    assert cpu_spin.nap_seconds() == pytest.approx(cpu_spin.DEFAULT_NAP_US / 1e6)
+    monkeypatch.setenv(spin.NAP_ENV, "250")
+    assert spin.nap_seconds() == pytest.approx(250e-6)
+    monkeypatch.setenv(spin.NAP_ENV, "fast")
+    assert spin.nap_seconds() == pytest.approx(spin.DEFAULT_NAP_US / 1e6)
 
 
 def test_vllms_spin_condition_has_what_the_patch_relies_on():
@@ -72,7 +72,7 @@ def test_vllms_spin_condition_has_what_the_patch_relies_on():
 
 
 def _report_worker(q):
-    q.put(cpu_spin.is_worker_process())
+    q.put(spin.is_worker_process())
 
 
 @pytest.mark.parametrize("name,worker", [("VllmWorker-0", True), ("EngineCore", False)])

@@ -13,23 +13,22 @@ does the same with plain torch: for each distinct adapter slot among the tokens,
 -1 (no adapter, the base model) get no LoRA contribution, as on the GPU path; the gathering ops
 index slot -1, i.e. the last slot, which is only harmless while that slot is empty.
 
-vLLM loads `vllm.general_plugins` entry points in every process it starts (API server, engine
-core, workers), so `register` runs wherever the model runs; pyproject.toml declares it. It only
-patches on the CPU platform; `VLLM_PLUGINS` (vLLM's own allow-list) or `SELFSPEC_CPU_LORA=0`
-turns it off, which `selfspec bench serving` uses to measure both.
+plugin.py installs these in vLLM (the `vllm.general_plugins` entry point of this package);
+`VLLM_PLUGINS` (vLLM's own allow-list) or `SELFSPEC_CPU_LORA=0` turns them off, which
+`selfspec bench serving` uses to measure both.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from selfspec_vllm_cpu.state import STATE
+
 log = logging.getLogger(__name__)
 
-_PATCHED = False
-FUSED = True  # whole LoRA layers in a few ops (serve.cpu_lora_fused); False: op by op
+FUSED = True  # whole LoRA layers in a few ops (lora_fused.py); False: op by op
 
 # One matmul against the weights of every adapter in the step (extra FLOPs on masked-off blocks)
 # beat a loop over the adapters (index gathers and scatters) at every size measured on the
@@ -59,7 +58,7 @@ class _Grouping:
         self._keep_mask = indices >= 0
         self._keep: dict[torch.dtype, torch.Tensor] = {}
         self._place: dict[torch.dtype, torch.Tensor] = {}
-        self.cache: dict[tuple, torch.Tensor] = {}  # per-step masks of serve.cpu_lora_fused
+        self.cache: dict[tuple, torch.Tensor] = {}  # per-step masks of lora_fused.py
 
     def keep(self, dtype: torch.dtype) -> torch.Tensor:  # 1 for adapter tokens, 0 for base ones
         if dtype not in self._keep:
@@ -74,15 +73,9 @@ class _Grouping:
         return self._place[dtype]
 
 
-_step: tuple[int, int, _Grouping] | None = None  # (data_ptr, numel, grouping) of this step
-_prefill: tuple[int, int, torch.Tensor] | None = None  # per-run slot buffer -> token indices
-_stacked: dict[tuple, torch.Tensor] = {}          # expand weights laid out for one matmul
-_loaded: tuple | None = None                      # slot -> adapter id when _stacked was filled
-
-
 def _grouping(indices: torch.Tensor) -> _Grouping:
-    if _step is not None and _step[0] == indices.data_ptr() and _step[1] == indices.shape[0]:
-        return _step[2]
+    if STATE.step is not None and STATE.step[0] == indices.data_ptr() and STATE.step[1] == indices.shape[0]:
+        return STATE.step[2]
     return _Grouping(indices)
 
 
@@ -94,14 +87,14 @@ def _stack_expand(w: torch.Tensor, g: _Grouping, dtype: torch.dtype) -> torch.Te
     """The active slots of [slots, out, r] as [active * r, out]; cached while the loaded
     adapters stay the same."""
     key = (w.data_ptr(), tuple(g.active), dtype)
-    hit = _stacked.get(key)
+    hit = STATE.stacked.get(key)
     if hit is None:
         _, width, rank = w.shape
         hit = w[g.active_t].permute(0, 2, 1).reshape(len(g.active) * rank, width).to(dtype)
-        if _loaded is not None:  # only cache when update_metadata tells us what is loaded
-            if len(_stacked) >= 1024:  # every subset of adapters would pile up: start over
-                _stacked.clear()
-            _stacked[key] = hit
+        if STATE.loaded is not None:  # only cache when update_metadata tells us what is loaded
+            if len(STATE.stacked) >= 1024:  # every subset of adapters would pile up: start over
+                STATE.stacked.clear()
+            STATE.stacked[key] = hit
     return hit
 
 
@@ -165,9 +158,9 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
 # torch ops expand to per-token indices with a fresh repeat_interleave in every layer. The
 # per-token indices of this step are already known (update_metadata), so reuse them.
 def _token_indices(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor):
-    if (_prefill is not None and _prefill[0] == lora_indices_tensor.data_ptr()
-            and _prefill[1] == lora_indices_tensor.shape[0]):
-        return _prefill[2]
+    if (STATE.prefill is not None and STATE.prefill[0] == lora_indices_tensor.data_ptr()
+            and STATE.prefill[1] == lora_indices_tensor.shape[0]):
+        return STATE.prefill[2]
     return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
 
 
@@ -191,69 +184,14 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
                       slice_size, add_inputs)
 
 
-def enabled() -> bool:
-    return os.environ.get("SELFSPEC_CPU_LORA", "1").lower() not in ("0", "false", "no", "off")
-
-
-def register() -> None:
-    """vLLM general-plugin entry point, on CPU: the engine core naps instead of spinning on its
-    shared core (serve/cpu_spin.py), and the gathering LoRA ops become grouped ones."""
-    global _PATCHED
-    if _PATCHED:
-        return
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    from serve import cpu_spin
-
-    cpu_spin.install()  # idempotent; SELFSPEC_CPU_ENGINE_NAP_US=0 turns it off
-    if not enabled():
-        return
-    import vllm.lora.ops.torch_ops.lora_ops as torch_ops
-    from vllm.lora.punica_wrapper import punica_cpu
-
-    # sgmv_* in torch_ops call these bgmv_* through the module globals; punica_cpu imported
-    # all of them by name. Patch both namespaces.
-    for module in (torch_ops, punica_cpu):
-        for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink",
-                     "sgmv_expand", "sgmv_expand_slice"):
-            if hasattr(module, name):
-                setattr(module, name, globals()[name])
-    original = punica_cpu.PunicaWrapperCPU.update_metadata
-
-    def update_metadata(self, mapping, lora_index_to_id, *args, **kwargs):
-        original(self, mapping, lora_index_to_id, *args, **kwargs)
-        note_step(self.token_lora_indices, lora_index_to_id,
-                  self.prefill_metadata[2] if self.is_prefill else None)
-
-    punica_cpu.PunicaWrapperCPU.update_metadata = update_metadata
-    _patch_layers(punica_cpu.PunicaWrapperCPU)
-    _PATCHED = True
-    log.info("selfspec: grouped CPU LoRA ops installed")
-
-
-def _patch_layers(cls) -> None:
-    from serve import cpu_lora_fused
-
-    def patched(fused, original):
-        def method(self, *args, **kwargs):
-            return fused(self, original, *args, **kwargs)
-        return method
-
-    for name in ("add_lora_linear", "add_shrink", "add_expand"):
-        setattr(cls, name, patched(getattr(cpu_lora_fused, name), getattr(cls, name)))
-
-
 def note_step(indices: torch.Tensor, lora_index_to_id,
               per_run: torch.Tensor | None = None) -> None:
     """Called once per engine step: group this step's tokens (`per_run`: the sgmv path's
     per-run slot buffer, whose runs expand to `indices`), and drop the stacked expand weights if
     a slot now holds a different adapter."""
-    global _step, _loaded, _prefill
     loaded = tuple(lora_index_to_id)
-    if loaded != _loaded:
-        _stacked.clear()
-        _loaded = loaded
-    _step = (indices.data_ptr(), indices.shape[0], _Grouping(indices))
-    _prefill = None if per_run is None else (per_run.data_ptr(), per_run.shape[0], indices)
+    if loaded != STATE.loaded:
+        STATE.stacked.clear()
+        STATE.loaded = loaded
+    STATE.step = (indices.data_ptr(), indices.shape[0], _Grouping(indices))
+    STATE.prefill = None if per_run is None else (per_run.data_ptr(), per_run.shape[0], indices)

@@ -1,5 +1,5 @@
-"""A whole LoRA layer in two or three torch ops, for vLLM's CPU backend (part of the
-`serve.cpu_lora` plugin).
+"""A whole LoRA layer in two or three torch ops, for vLLM's CPU backend (installed by
+plugin.py with the grouped ops of lora.py).
 
 vLLM's CPU punica wrapper applies a LoRA'd linear slice by slice: allocate an fp32 buffer, then per
 slice a shrink op and an expand op, each of which casts, indexes and scales. On a small model the
@@ -18,7 +18,7 @@ so a mixed batch costs one elementwise op more than a single-adapter one, whatev
 the rank the step's adapters use (`used_rank`), not vLLM's max_lora_rank: vLLM pads each adapter
 with zero rows up to it, which at rank 8 under the default 16 doubled these matmuls. The
 masked-off blocks are extra FLOPs: at rank 8 and decode-sized batches they are far cheaper than
-the ops they replace, and batches with more than `cpu_lora.DENSE_MAX_TOKEN_SLOTS` token-slot
+the ops they replace, and batches with more than `lora.DENSE_MAX_TOKEN_SLOTS` token-slot
 pairs (long prefills over many adapters) keep the per-slice path.
 
 `o_proj` and `down_proj` (row-parallel) call shrink and expand separately through a buffer, so
@@ -27,56 +27,49 @@ those two get the same treatment in two halves, the masked product carried from 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
-from serve import cpu_lora
+from selfspec_vllm_cpu import lora
+from selfspec_vllm_cpu.state import STATE
 
 # Each adapter combination seen in a step gets every layer's A_all / B_all (up to ~1 MB a layer
 # with 8 adapters); keep the most recent few, so a long-running server with many adapters does
 # not accumulate every subset of them.
 MAX_SLOT_SETS = 16
-_fused: OrderedDict[tuple, dict] = OrderedDict()  # slot set -> {layer key: tensor}
-_fused_for: tuple | None = None  # the slot -> adapter mapping they were built for
-_carry: tuple | None = None  # (buffer data_ptr, shape, masked product): add_shrink -> add_expand
-_tp: int | None = None
 
 
 def _tensor_parallel() -> int:
-    global _tp
-    if _tp is None:
+    if STATE.tp is None:
         try:
             from vllm.distributed import get_tensor_model_parallel_world_size
-            _tp = get_tensor_model_parallel_world_size()
+            STATE.tp = get_tensor_model_parallel_world_size()
         except Exception:  # noqa: BLE001 - no parallel state (tests): write the buffer, safe
             return 2
-    return _tp
+    return STATE.tp
 
 
-def _fusable(g: cpu_lora._Grouping) -> bool:
+def _fusable(g: lora._Grouping) -> bool:
     return bool(g.active) and (g.single is not None
-                               or g.n * len(g.active) <= cpu_lora.DENSE_MAX_TOKEN_SLOTS)
+                               or g.n * len(g.active) <= lora.DENSE_MAX_TOKEN_SLOTS)
 
 
-def _slots(g: cpu_lora._Grouping) -> list[int]:
+def _slots(g: lora._Grouping) -> list[int]:
     return [g.single] if g.single is not None else g.active
 
 
 def _cached(slots: list[int], key: tuple, build):
-    global _fused_for
-    if cpu_lora._loaded is None:  # tests and odd callers: no step announced, nothing to trust
+    if STATE.loaded is None:  # tests and odd callers: no step announced, nothing to trust
         return build()
-    if _fused_for != cpu_lora._loaded:  # a slot now holds another adapter
-        _fused.clear()
-        _fused_for = cpu_lora._loaded
-    per = _fused.get(tuple(slots))
+    if STATE.fused_for != STATE.loaded:  # a slot now holds another adapter
+        STATE.fused.clear()
+        STATE.fused_for = STATE.loaded
+    per = STATE.fused.get(tuple(slots))
     if per is None:
-        per = _fused[tuple(slots)] = {}
-        if len(_fused) > MAX_SLOT_SETS:
-            _fused.popitem(last=False)
+        per = STATE.fused[tuple(slots)] = {}
+        if len(STATE.fused) > MAX_SLOT_SETS:
+            STATE.fused.popitem(last=False)
     else:
-        _fused.move_to_end(tuple(slots))
+        STATE.fused.move_to_end(tuple(slots))
     hit = per.get(key)
     if hit is None:
         hit = per[key] = build()
@@ -88,7 +81,7 @@ def used_rank(lora_a: tuple[torch.Tensor, ...], slots: list[int]) -> int:
     max_lora_rank with zero rows (a rank-8 expert in a max_lora_rank=16 engine, or headroom kept
     for hot-added experts), and those rows are half or more of the dense matmuls' work."""
     def build():
-        rows = torch.stack([(cpu_lora._weights(a)[slots] != 0).any(-1).any(0) for a in lora_a])
+        rows = torch.stack([(lora._weights(a)[slots] != 0).any(-1).any(0) for a in lora_a])
         nonzero = rows.any(0).nonzero()
         return int(nonzero[-1]) + 1 if len(nonzero) else 1
     return _cached(slots, ("rank", tuple(a.data_ptr() for a in lora_a)), build)
@@ -99,7 +92,7 @@ def a_all(lora_a: tuple[torch.Tensor, ...], slots: list[int], rank: int,
     """[in, S*k*rank]: column block (s, j) is slice s's A for slot j (its first `rank` rows),
     transposed."""
     def build():
-        cols = [cpu_lora._weights(a)[slots][:, :rank].reshape(-1, a.shape[-1]) for a in lora_a]
+        cols = [lora._weights(a)[slots][:, :rank].reshape(-1, a.shape[-1]) for a in lora_a]
         return torch.cat(cols).to(dtype).t().contiguous()
     return _cached(slots, ("a", tuple(a.data_ptr() for a in lora_a), rank, dtype), build)
 
@@ -112,7 +105,7 @@ def b_all(lora_b: tuple[torch.Tensor, ...], slots: list[int], widths: tuple[int,
         out = torch.zeros(len(lora_b) * k * rank, sum(widths), dtype=dtype)
         col = 0
         for s, (b, width) in enumerate(zip(lora_b, widths)):
-            w = cpu_lora._weights(b)[slots][:, :width, :rank]  # [k, out, rank]
+            w = lora._weights(b)[slots][:, :width, :rank]  # [k, out, rank]
             out[s * k * rank:(s + 1) * k * rank, col:col + w.shape[1]] = (
                 w.permute(0, 2, 1).reshape(k * rank, w.shape[1]))
             col += width
@@ -121,7 +114,7 @@ def b_all(lora_b: tuple[torch.Tensor, ...], slots: list[int], widths: tuple[int,
     return _cached(slots, key, build)
 
 
-def mask(g: cpu_lora._Grouping, slices: int, rank: int, dtype) -> torch.Tensor:
+def mask(g: lora._Grouping, slices: int, rank: int, dtype) -> torch.Tensor:
     """[tokens, S*k*r] ones on each adapter token's own slot in every slice; zero rows for base."""
     key = ("mask", slices, rank, dtype)
     hit = g.cache.get(key)
@@ -134,10 +127,10 @@ def mask(g: cpu_lora._Grouping, slices: int, rank: int, dtype) -> torch.Tensor:
 
 def add_lora_linear(wrapper, original, y, x, lora_a_stacked, lora_b_stacked, scale,
                     output_slices, *, buffer=None, **kwargs):
-    g = cpu_lora._grouping(wrapper.token_lora_indices)
+    g = lora._grouping(wrapper.token_lora_indices)
     if g.n and not g.active:
         return None  # base model only: nothing to add (vLLM's ops would still run)
-    if not cpu_lora.FUSED or not _fusable(g):
+    if not lora.FUSED or not _fusable(g):
         return original(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                         buffer=buffer, **kwargs)
     slots = _slots(g)
@@ -157,11 +150,10 @@ def add_shrink(wrapper, original, y, x, lora_a_stacked, scale, **kwargs):
     """y[s][t] = scale * A_s[slot(t)] @ x[t] for the row-parallel layers' buffer [S, T, r].
 
     Without tensor parallelism the buffer goes straight from here to add_expand, so the masked
-    [tokens, S*k*r] product is handed over as it is (`_carry`) and the buffer is left unwritten:
+    [tokens, S*k*r] product is handed over as it is (`STATE.carry`) and the buffer is left unwritten:
     that skips narrowing each token to its own slot here only to spread it back out there."""
-    global _carry
-    g = cpu_lora._grouping(wrapper.token_lora_indices)
-    if not cpu_lora.FUSED or not _fusable(g) or not isinstance(y, torch.Tensor):
+    g = lora._grouping(wrapper.token_lora_indices)
+    if not lora.FUSED or not _fusable(g) or not isinstance(y, torch.Tensor):
         return original(wrapper, y, x, lora_a_stacked, scale, **kwargs)
     slots = _slots(g)
     slices = len(lora_a_stacked)
@@ -176,9 +168,9 @@ def add_shrink(wrapper, original, y, x, lora_a_stacked, scale, **kwargs):
     if scale != 1.0:
         wide.mul_(scale)
     if carry:
-        _carry = (y.data_ptr(), tuple(y.shape), wide, rank)
+        STATE.carry = (y.data_ptr(), tuple(y.shape), wide, rank)
         return None
-    _carry = None
+    STATE.carry = None
     if g.single is None:  # keep each token's own slot: [n, S, k, r] -> [n, S, r]
         wide = wide.view(g.n, slices, len(slots), rank).sum(2)
     y[:, : g.n, :rank].copy_(wide.view(g.n, slices, rank).transpose(0, 1))
@@ -188,14 +180,13 @@ def add_shrink(wrapper, original, y, x, lora_a_stacked, scale, **kwargs):
 def add_expand(wrapper, original, y, x, lora_b_stacked, output_slices, offset_start=0,
                add_inputs=True, **kwargs):
     """y[t, offset_s:...] += B_s[slot(t)] @ x[s][t], from the buffer add_shrink filled."""
-    g = cpu_lora._grouping(wrapper.token_lora_indices)
-    if (not cpu_lora.FUSED or not _fusable(g) or not isinstance(x, torch.Tensor)
+    g = lora._grouping(wrapper.token_lora_indices)
+    if (not lora.FUSED or not _fusable(g) or not isinstance(x, torch.Tensor)
             or not add_inputs):
         return original(wrapper, y, x, lora_b_stacked, output_slices, offset_start, add_inputs,
                         **kwargs)
-    global _carry
     slots = _slots(g)
-    carried, _carry = _carry, None
+    carried, STATE.carry = STATE.carry, None
     rank = lora_b_stacked[0].shape[-1]
     if carried is not None and carried[:2] == (x.data_ptr(), tuple(x.shape)):
         wide, rank = carried[2].to(y.dtype), carried[3]

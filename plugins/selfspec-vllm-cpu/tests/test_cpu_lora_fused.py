@@ -1,4 +1,4 @@
-"""Whole-layer LoRA on CPU (serve/cpu_lora_fused.py) against a per-token, per-slice reference:
+"""Whole-layer LoRA on CPU (selfspec_vllm_cpu/lora_fused.py) against a per-token, per-slice reference:
 qkv-like layers (3 slices of different widths), row-parallel shrink-then-expand through the
 buffer, one adapter, mixed adapters, base tokens, and the fall-back for batches too big to fuse."""
 
@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from serve import cpu_lora, cpu_lora_fused
+from selfspec_vllm_cpu import lora, lora_fused, plugin
+from selfspec_vllm_cpu.state import STATE
 
 SLOTS, RANK, FAN_IN = 4, 8, 32
 WIDTHS = (48, 16, 16)
@@ -31,7 +32,7 @@ def never(*args, **kwargs):
     raise AssertionError("the fused path should have handled this step")
 
 
-pytestmark = pytest.mark.usefixtures("fresh_cpu_lora")
+pytestmark = pytest.mark.usefixtures("fresh_state")
 
 
 def layer(seed, slices=WIDTHS):
@@ -48,7 +49,7 @@ def step(kind, tokens, seed=0):
            "mixed": torch.randint(0, SLOTS, (tokens,), generator=g),
            "with_base": torch.randint(-1, SLOTS, (tokens,), generator=g),
            "one_with_base": torch.tensor([1, -1] * (tokens // 2) + [1] * (tokens % 2))}[kind]
-    cpu_lora.note_step(idx, [1, 2, 3, 4])
+    lora.note_step(idx, [1, 2, 3, 4])
     return SimpleNamespace(token_lora_indices=idx), idx
 
 
@@ -62,28 +63,28 @@ def test_add_lora_linear_matches_reference(tokens, kind):
     want = y + per_token(x, a, b, idx, 0.5)
     for _ in range(2):  # second time through the cached A_all / B_all / mask
         got = y.clone()
-        cpu_lora_fused.add_lora_linear(wrapper, never, got, x, a, b, 0.5, WIDTHS)
+        lora_fused.add_lora_linear(wrapper, never, got, x, a, b, 0.5, WIDTHS)
         torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("tensor_parallel", [1, 2])  # 1: the product skips the buffer
 @pytest.mark.parametrize("kind", ["single", "mixed", "with_base"])
 def test_row_parallel_shrink_then_expand_matches_reference(kind, tensor_parallel, monkeypatch):
-    monkeypatch.setattr(cpu_lora_fused, "_tp", tensor_parallel)
+    monkeypatch.setattr(STATE, "tp", tensor_parallel)
     a, b = layer(3, slices=(40,))
     wrapper, idx = step(kind, 9)
     x = torch.randn(9, FAN_IN, dtype=torch.float64)
     buffer = torch.zeros(1, 9, RANK, dtype=torch.float64)
-    cpu_lora_fused.add_shrink(wrapper, never, buffer, x, a, 1.0)
+    lora_fused.add_shrink(wrapper, never, buffer, x, a, 1.0)
     own = torch.stack([a[0][s, 0] @ x[t] if s >= 0 else torch.zeros(RANK, dtype=x.dtype)
                        for t, s in enumerate(idx.tolist())])
     if tensor_parallel > 1:  # the buffer is what crosses ranks: it must hold the shrink
         torch.testing.assert_close(buffer[0], own)
         buffer = buffer.clone()  # as an all-reduce would return: not the carried tensor
     else:
-        assert cpu_lora_fused._carry is not None
+        assert STATE.carry is not None
     y = torch.ones(9, 50, dtype=torch.float64)
-    cpu_lora_fused.add_expand(wrapper, never, y, buffer, b, (40,), offset_start=5)
+    lora_fused.add_expand(wrapper, never, y, buffer, b, (40,), offset_start=5)
     torch.testing.assert_close(y[:, 5:45], 1 + per_token(x, a, b, idx))
     assert (y[:, :5] == 1).all() and (y[:, 45:] == 1).all()
 
@@ -93,12 +94,12 @@ def test_new_adapter_in_a_slot_is_used_at_once():
     wrapper, idx = step("mixed", 16)
     x = torch.randn(16, FAN_IN, dtype=torch.float64)
     y = torch.zeros(16, sum(WIDTHS), dtype=torch.float64)
-    cpu_lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
+    lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
     for t in a + b:  # vLLM copies adapter 7's weights into slot 0 in place
         t[0].normal_()
-    cpu_lora.note_step(idx, [7, 2, 3, 4])
+    lora.note_step(idx, [7, 2, 3, 4])
     y = torch.zeros(16, sum(WIDTHS), dtype=torch.float64)
-    cpu_lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
+    lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
     torch.testing.assert_close(y, per_token(x, a, b, idx))
 
 
@@ -112,48 +113,48 @@ def test_big_mixed_batches_and_switched_off_take_the_original_path(monkeypatch):
 
     y = torch.zeros(64, sum(WIDTHS), dtype=torch.float64)
     x = torch.randn(64, FAN_IN, dtype=torch.float64)
-    monkeypatch.setattr(cpu_lora, "DENSE_MAX_TOKEN_SLOTS", 64)  # 64 tokens x 4 slots > 64
-    cpu_lora_fused.add_lora_linear(wrapper, original, y, x, a, b, 1.0, WIDTHS)
-    monkeypatch.setattr(cpu_lora, "DENSE_MAX_TOKEN_SLOTS", 8192)
-    monkeypatch.setattr(cpu_lora, "FUSED", False)
-    cpu_lora_fused.add_lora_linear(wrapper, original, y, x, a, b, 1.0, WIDTHS)
+    monkeypatch.setattr(lora, "DENSE_MAX_TOKEN_SLOTS", 64)  # 64 tokens x 4 slots > 64
+    lora_fused.add_lora_linear(wrapper, original, y, x, a, b, 1.0, WIDTHS)
+    monkeypatch.setattr(lora, "DENSE_MAX_TOKEN_SLOTS", 8192)
+    monkeypatch.setattr(lora, "FUSED", False)
+    lora_fused.add_lora_linear(wrapper, original, y, x, a, b, 1.0, WIDTHS)
     assert calls == [wrapper, wrapper]
 
 
 def test_base_only_step_adds_nothing():
     a, b = layer(7)
     idx = torch.full((6,), -1)
-    cpu_lora.note_step(idx, [1, 2, 3, 4])
+    lora.note_step(idx, [1, 2, 3, 4])
     y = torch.ones(6, sum(WIDTHS), dtype=torch.float64)
-    cpu_lora_fused.add_lora_linear(SimpleNamespace(token_lora_indices=idx), never, y,
+    lora_fused.add_lora_linear(SimpleNamespace(token_lora_indices=idx), never, y,
                                    torch.randn(6, FAN_IN, dtype=torch.float64), a, b, 1.0, WIDTHS)
     assert (y == 1).all()
 
 
 def test_expand_refuses_a_buffer_the_shrink_did_not_fill(monkeypatch):
-    monkeypatch.setattr(cpu_lora_fused, "_tp", 1)
+    monkeypatch.setattr(STATE, "tp", 1)
     a, b = layer(8, slices=(40,))
     wrapper, _ = step("mixed", 9)
     buffer = torch.zeros(1, 9, RANK, dtype=torch.float64)
-    cpu_lora_fused.add_shrink(wrapper, never, buffer, torch.randn(9, FAN_IN, dtype=torch.float64),
+    lora_fused.add_shrink(wrapper, never, buffer, torch.randn(9, FAN_IN, dtype=torch.float64),
                               a, 1.0)
     with pytest.raises(RuntimeError, match="SELFSPEC_CPU_LORA=0"):
-        cpu_lora_fused.add_expand(wrapper, never, torch.zeros(9, 40, dtype=torch.float64),
+        lora_fused.add_expand(wrapper, never, torch.zeros(9, 40, dtype=torch.float64),
                                   buffer.clone(), b, (40,))
 
 
 def test_weights_are_kept_for_a_bounded_number_of_adapter_combinations(monkeypatch):
-    monkeypatch.setattr(cpu_lora_fused, "MAX_SLOT_SETS", 3)
+    monkeypatch.setattr(lora_fused, "MAX_SLOT_SETS", 3)
     a, b = layer(9)
     x = torch.randn(4, FAN_IN, dtype=torch.float64)
     for pair in ([0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [0, 1]):
         idx = torch.tensor(pair * 2)
-        cpu_lora.note_step(idx, [1, 2, 3, 4])
+        lora.note_step(idx, [1, 2, 3, 4])
         y = torch.zeros(4, sum(WIDTHS), dtype=torch.float64)
-        cpu_lora_fused.add_lora_linear(SimpleNamespace(token_lora_indices=idx), never, y, x, a,
+        lora_fused.add_lora_linear(SimpleNamespace(token_lora_indices=idx), never, y, x, a,
                                        b, 1.0, WIDTHS)
         torch.testing.assert_close(y, per_token(x, a, b, idx))
-    assert list(cpu_lora_fused._fused) == [(1, 2), (1, 3), (0, 1)]  # least recent dropped
+    assert list(STATE.fused) == [(1, 2), (1, 3), (0, 1)]  # least recent dropped
 
 
 def padded(seed, ranks, slices=WIDTHS):
@@ -170,26 +171,26 @@ def padded(seed, ranks, slices=WIDTHS):
 
 @pytest.mark.parametrize("tensor_parallel", [1, 2])
 def test_padded_rank_rows_are_left_out_and_results_unchanged(tensor_parallel, monkeypatch):
-    monkeypatch.setattr(cpu_lora_fused, "_tp", tensor_parallel)
+    monkeypatch.setattr(STATE, "tp", tensor_parallel)
     a, b = padded(10, ranks=(3, 5, RANK, 2))
     idx = torch.tensor([0, 1, -1, 0, 1, 1])
-    cpu_lora.note_step(idx, [1, 2, 3, 4])
+    lora.note_step(idx, [1, 2, 3, 4])
     wrapper = SimpleNamespace(token_lora_indices=idx)
-    assert cpu_lora_fused.used_rank(a, [0, 1]) == 5
-    assert cpu_lora_fused.used_rank(a, [3]) == 2
-    assert cpu_lora_fused.used_rank(a, [0, 2]) == RANK
+    assert lora_fused.used_rank(a, [0, 1]) == 5
+    assert lora_fused.used_rank(a, [3]) == 2
+    assert lora_fused.used_rank(a, [0, 2]) == RANK
     x = torch.randn(6, FAN_IN, dtype=torch.float64)
     y = torch.zeros(6, sum(WIDTHS), dtype=torch.float64)
-    cpu_lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
+    lora_fused.add_lora_linear(wrapper, never, y, x, a, b, 1.0, WIDTHS)
     torch.testing.assert_close(y, per_token(x, a, b, idx))
     # the dense matmuls ran over 3 slices x 2 adapters x 5 rows, not x RANK
-    assert cpu_lora_fused.a_all(a, [0, 1], 5, x.dtype).shape == (FAN_IN, 3 * 2 * 5)
+    assert lora_fused.a_all(a, [0, 1], 5, x.dtype).shape == (FAN_IN, 3 * 2 * 5)
 
     a1, b1 = padded(11, ranks=(3, 5, RANK, 2), slices=(40,))
     buffer = torch.zeros(1, 6, RANK, dtype=torch.float64)
-    cpu_lora_fused.add_shrink(wrapper, never, buffer, x, a1, 1.0)
+    lora_fused.add_shrink(wrapper, never, buffer, x, a1, 1.0)
     if tensor_parallel == 1:
-        assert cpu_lora_fused._carry[2].shape == (6, 1 * 2 * 5)
+        assert STATE.carry[2].shape == (6, 1 * 2 * 5)
     y = torch.zeros(6, 40, dtype=torch.float64)
-    cpu_lora_fused.add_expand(wrapper, never, y, buffer, b1, (40,))
+    lora_fused.add_expand(wrapper, never, y, buffer, b1, (40,))
     torch.testing.assert_close(y, per_token(x, a1, b1, idx))
