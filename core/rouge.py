@@ -11,7 +11,7 @@ the few items whose bound clears the threshold. Scores equal `rouge_score`'s rou
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 
@@ -44,13 +44,33 @@ def rouge_l(a: str | list[str], b: str | list[str]) -> float:
     return 0.0 if lcs == 0 else 2 * lcs / (len(ta) + len(tb))
 
 
+class _Growable:
+    """An int32 array appended to in amortized O(1) (capacity doubles), read as a view: a
+    posting list kept as a Python list had to be converted to numpy on every query, O(pool) per
+    query for common words like "the", which made a 5K pool's filter quadratic in practice."""
+
+    __slots__ = ("data", "size")
+
+    def __init__(self):
+        self.data, self.size = np.empty(8, dtype=np.int32), 0
+
+    def append(self, value: int) -> None:
+        if self.size == len(self.data):
+            self.data = np.concatenate([self.data, np.empty_like(self.data)])
+        self.data[self.size] = value
+        self.size += 1
+
+    def view(self) -> np.ndarray:
+        return self.data[:self.size]
+
+
 class RougeIndex:
     """A growing pool of texts; `max_score(text)` is the highest ROUGE-L F1 against the pool."""
 
     def __init__(self, texts: list[str] = ()):  # type: ignore[assignment]
         self._tokens: list[list[str]] = []
-        self._lengths: list[int] = []
-        self._postings: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        self._lengths = _Growable()
+        self._postings: dict[str, tuple[_Growable, _Growable]] = {}
         for t in texts:
             self.add(t)
 
@@ -63,6 +83,8 @@ class RougeIndex:
         self._tokens.append(tokens)
         self._lengths.append(len(tokens))
         for tok, count in Counter(tokens).items():
+            if tok not in self._postings:
+                self._postings[tok] = (_Growable(), _Growable())
             ids, counts = self._postings[tok]
             ids.append(idx)
             counts.append(count)
@@ -81,10 +103,12 @@ class RougeIndex:
         for tok, count in Counter(tokens).items():
             if tok in self._postings:
                 ids, counts = self._postings[tok]
-                overlap[ids] += np.minimum(np.asarray(counts, dtype=np.int32), count)
-        bound = 2.0 * overlap / (len(tokens) + np.asarray(self._lengths, dtype=np.float64))
+                overlap[ids.view()] += np.minimum(counts.view(), count)
+        bound = 2.0 * overlap / (len(tokens) + self._lengths.view().astype(np.float64))
+        # Sort only the items that could clear the threshold (a handful), not the whole pool.
+        cand = np.flatnonzero(bound > threshold)
         best, best_idx = 0.0, None
-        for i in np.argsort(-bound):
+        for i in cand[np.argsort(-bound[cand], kind="stable")]:
             if bound[i] <= max(threshold, best):
                 break  # sorted: nothing further can beat what we have
             score = rouge_l(tokens, self._tokens[i])

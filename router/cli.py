@@ -35,8 +35,9 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_route)
 
     b = sub.add_parser("bench", help="benchmark a component and write reports/bench_*.json")
-    b.add_argument("target", choices=["router", "serving", "respond", "all"],
-                   help="respond: stage 3 with per-instruction vs shared demos on one engine")
+    b.add_argument("target", choices=["router", "serving", "respond", "scale", "all"],
+                   help="respond: stage 3 with per-instruction vs shared demos on one engine; "
+                   "scale: stages 1-2 at the paper's data scale with a fake generator")
     b.add_argument("--out", type=Path, default=Path("reports"))
     b.add_argument("--experts-dir", type=Path, default=Path("experts"),
                    help="registry to bench (default experts/; the shipped seeds if it is empty)")
@@ -57,6 +58,10 @@ def add_parsers(sub) -> None:
                    help="serving: alternating rounds over the setups, medians reported (5)")
     b.add_argument("--latency-pairs", type=_at_least_1, default=24,
                    help="serving: sequential auto/forced request pairs for the routing overhead")
+    b.add_argument("--scale-sizes", default="5000,20000",
+                   help="scale: kept-instruction targets, each in a fresh process (%(default)s)")
+    b.add_argument("--scale-encoder", choices=["fake", "real"], default="fake",
+                   help="scale: hashed bag of words, or the router's embedded encoder")
     b.set_defaults(func=run_bench)
 
 
@@ -205,6 +210,10 @@ def run_bench(args) -> int:
         from specialize.bench_respond import run_respond_bench
 
         code = run_respond_bench(args)
+    if args.target == "scale":  # not in `all` either
+        from specialize.bench_scale import run_scale_bench
+
+        code = run_scale_bench(args)
     return code
 
 

@@ -104,7 +104,8 @@ def _specialize_parser(sub) -> None:
     r.add_argument("--task-cpus", type=float, default=None,
                    help="CPUs per task (default: 1 on a GPU cluster, else a whole node)")
     r.add_argument("--task-gpus", type=float, default=None,
-                   help="GPUs per task (default: 1 if the cluster has GPUs, else 0)")
+                   help="GPUs per task (default: --tensor-parallel-size if the cluster has "
+                   "GPUs, else 0)")
     r.add_argument("--task-memory-gib", type=float, default=None,
                    help="memory per task, for Ray's scheduler (default: not declared)")
     p.set_defaults(func=_run_specialize)

@@ -148,7 +148,7 @@ def specialize_distributed(domains: list[str], cfg: SpecializeConfig, dcfg: Dist
     probe = cfg.experts_dir / ".work" / f".probe-{uuid.uuid4().hex}"
     try:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        res = resolve_resources(dcfg, nodes)
+        res = resolve_resources(dcfg, nodes, cfg.engine.tensor_parallel_size)
         check_fits(res, nodes)
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text(socket.gethostname())
@@ -250,12 +250,15 @@ def _connect(dcfg: DistributedConfig) -> bool:
     return True
 
 
-def resolve_resources(dcfg: DistributedConfig, nodes: list[dict]) -> TaskResources:
+def resolve_resources(dcfg: DistributedConfig, nodes: list[dict],
+                      tensor_parallel_size: int = 1) -> TaskResources:
     """Defaults: a GPU per task when the cluster has GPUs (vLLM and PEFT then need only a CPU
-    to feed them); on CPUs a whole node per task, because vLLM's CPU backend and torch both use
-    every core they get and two tasks on one node would just halve each other's speed."""
+    to feed them), or `tensor_parallel_size` GPUs when the engine shards the model over several
+    (vLLM starts its extra workers on the GPUs Ray gave the task); on CPUs a whole node per task,
+    because vLLM's CPU backend and torch both use every core they get and two tasks on one node
+    would just halve each other's speed."""
     gpus = dcfg.task_gpus if dcfg.task_gpus is not None else \
-        (1.0 if any(n.get("GPU", 0) > 0 for n in nodes) else 0.0)
+        (float(tensor_parallel_size) if any(n.get("GPU", 0) > 0 for n in nodes) else 0.0)
     if dcfg.task_cpus is not None:
         cpus = dcfg.task_cpus
     else:

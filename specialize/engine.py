@@ -92,7 +92,8 @@ class VllmGenerator:
         self.cfg_dtype, self.dtype = cfg.dtype, resolve_dtype(cfg.dtype)
         log.info("engine dtype %s (asked %s; CPU %s)", self.dtype, cfg.dtype, cpu_isa().summary)
         self.llm = LLM(model=str(model_path), max_model_len=cfg.max_model_len, dtype=self.dtype,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed, **lora)
+                       gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed,
+                       tensor_parallel_size=cfg.tensor_parallel_size, **lora)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
         self.engine_dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")

@@ -1,0 +1,88 @@
+"""Scaling flags reach what they configure: `--tensor-parallel-size` reaches vLLM's engine
+arguments and Ray's per-task GPU count; the scale bench's fake pipeline keeps what it should."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import ClassVar
+
+import pytest
+
+from core.errors import ConfigError
+from specialize.cli import main
+from specialize.config import EngineConfig, build_config
+from specialize.distributed import TaskResources, build_distributed_config, resolve_resources
+from specialize.engine import VllmGenerator
+from tests.conftest import write_domain
+
+
+class _RecordingLLM:
+    """Stands in for vllm.LLM: records its keyword arguments, builds nothing."""
+
+    last: ClassVar[dict] = {}
+
+    def __init__(self, **kwargs):
+        type(self).last = kwargs
+        self.llm_engine = types.SimpleNamespace(
+            model_config=types.SimpleNamespace(dtype="torch.float32"))
+
+    def get_tokenizer(self):
+        return None
+
+
+@pytest.fixture
+def recording_vllm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=_RecordingLLM))
+    _RecordingLLM.last = {}
+    return _RecordingLLM
+
+
+@pytest.mark.parametrize("size", [1, 4])
+def test_tensor_parallel_size_reaches_vllm_engine_args(recording_vllm, tmp_path, size):
+    VllmGenerator(tmp_path, EngineConfig(tensor_parallel_size=size, dtype="float32"))
+    assert recording_vllm.last["tensor_parallel_size"] == size
+
+
+def test_tensor_parallel_size_from_cli_flag(recording_vllm, tmp_path, monkeypatch):
+    """The flag travels CLI -> SpecializeConfig -> engine: the run stops at the engine start."""
+    root = tmp_path / "seeds"
+    write_domain(root, "demo")
+    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
+    seen = {}
+
+    def stop(domains, cfg, **kwargs):
+        seen["tp"] = cfg.engine.tensor_parallel_size
+        return []
+
+    monkeypatch.setattr("specialize.pipeline.specialize", stop)
+    main(["specialize", "demo", "--experts-dir", str(tmp_path / "e"),
+          "--tensor-parallel-size", "2"])
+    assert seen["tp"] == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_tensor_parallel_size_must_be_positive(bad):
+    with pytest.raises(ConfigError, match="engine.tensor_parallel_size"):
+        build_config(engine={"tensor_parallel_size": bad})
+
+
+def test_tensor_parallel_tasks_ask_for_that_many_gpus():
+    nodes = [{"CPU": 16, "GPU": 8}]
+    auto = build_distributed_config("auto")
+    assert resolve_resources(auto, nodes, tensor_parallel_size=4) == TaskResources(1, 4.0, None)
+    # On a CPU-only cluster there are no GPUs to ask for; a declared count still wins.
+    assert resolve_resources(auto, [{"CPU": 8}], tensor_parallel_size=4).num_gpus == 0
+    declared = build_distributed_config("auto", task_gpus=2)
+    assert resolve_resources(declared, nodes, tensor_parallel_size=4).num_gpus == 2
+
+
+def test_scale_bench_size_keeps_its_target_and_catches_near_repeats():
+    from specialize.bench_scale import run_size
+
+    row = run_size("finance", 80, "fake", seed=0)
+    assert row["kept"] == 80 and row["num_instructions"] == 80
+    assert row["candidates"] > 80
+    # The fake generator rewords a tenth of its items: the ROUGE filter must catch them.
+    assert row["rejected"].get("near_duplicate", 0) > 0
+    assert row["peak_rss_mib"] > 0 and row["total_s"] > 0
