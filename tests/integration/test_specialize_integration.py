@@ -267,3 +267,38 @@ def test_meaning_filters_reject_a_random_model_s_noise(tmp_path, tiny_model, eng
     assert len(meaning) >= 0.8 * len(rejected) and len(rejected) >= 8, \
         sorted({r["reason"] for r in rejected})
     assert all(r["detail"] for r in meaning)
+
+
+def test_dense_retrieval_grounds_answers_in_the_nearest_passages(tmp_path, tiny_model, engine):
+    """--retrieval dense for real: the encoder the CLI hands over (the embedded
+    all-MiniLM-L6-v2) embeds the math corpus, and each answer's passages are the ones nearest
+    its instruction by that encoder's cosine."""
+    import numpy as np
+
+    from core.seeds import load_domain
+    from specialize.cli import dense_encoder
+    from specialize.retrieve import load_passages
+    from tests.integration.conftest import Shared
+
+    experts = tmp_path / "experts"
+    cfg = tiny_config(experts, tiny_model, generate={"num_instructions": 4},
+                      respond={"retrieval": "dense", "top_k": 2})
+    make_encoder = dense_encoder(cfg)
+    specialize(["math"], cfg, make_generator=Shared(engine), stop_after="respond",
+               make_encoder=make_encoder)
+    respond = experts / ".work" / "math" / "respond"
+    assert json.loads((respond / "config.json").read_text())["retrieval_used"] == "dense"
+    rows = read_jsonl(respond / "responses.jsonl")
+    assert len(rows) == 4 and all(len(r["passages"]) == 2 for r in rows)
+
+    encoder = make_encoder()
+    assert encoder.name == "all-MiniLM-L6-v2"
+    passages = load_passages(load_domain("math").corpus_dir, cfg.respond.passage_words)
+    cosines = encoder.encode([f"{r['instruction']} {r.get('input', '')}" for r in rows]) @ \
+        encoder.encode(passages).T
+    for row, cos in zip(rows, cosines):
+        best = np.sort(cos)[::-1]
+        # The two retrieved are the two nearest (1e-3: bf16 vectors from other batches).
+        assert cos[row["passages"][0]] >= best[0] - 1e-3, (row, best[:3])
+        assert cos[row["passages"][1]] >= best[1] - 1e-3, (row, best[:3])
+        assert row["passages"][0] != row["passages"][1]
