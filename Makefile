@@ -37,16 +37,16 @@ up: setup
 	$(BIN)/selfspec up
 
 # A head and a worker Ray node on this machine; the worker is lost mid-stream and Serve must
-# recover (serve/cluster_demo.py). Flags: make cluster-demo CLUSTER_DEMO_ARGS="--requests 60"
+# recover (bench/cluster_demo.py). Flags: make cluster-demo CLUSTER_DEMO_ARGS="--requests 60"
 cluster-demo: setup
 	$(BIN)/selfspec cluster-demo $(CLUSTER_DEMO_ARGS)
 
 # The README's Results section, from the last `selfspec eval` / `selfspec bench all` reports.
 results: setup
-	$(BIN)/python -m evaluation.results
+	$(BIN)/python -m bench.results
 
 lint: setup
-	$(BIN)/ruff check core specialize router serve evaluation tests plugins
+	$(BIN)/ruff check core specialize router serve evaluation bench tests plugins
 
 clean:
 	rm -rf $(VENV) build *.egg-info

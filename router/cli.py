@@ -1,9 +1,8 @@
-"""`selfspec route` and `selfspec bench`. Parsing only imports the standard library: torch,
+"""`selfspec route`. Parsing only imports the standard library: torch,
 sentence-transformers and FAISS load inside the run functions."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -33,36 +32,6 @@ def add_parsers(sub) -> None:
                    help="re-embed every exemplar (needed after changing --encoder)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="where --eval writes")
     p.set_defaults(func=run_route)
-
-    b = sub.add_parser("bench", help="benchmark a component and write reports/bench_*.json")
-    b.add_argument("target", choices=["router", "serving", "respond", "scale", "all"],
-                   help="respond: stage 3 with per-instruction vs shared demos on one engine; "
-                   "scale: stages 1-2 at the paper's data scale with a fake generator")
-    b.add_argument("--out", type=Path, default=Path("reports"))
-    b.add_argument("--experts-dir", type=Path, default=Path("experts"),
-                   help="registry to bench (default experts/; the shipped seeds if it is empty)")
-    b.add_argument("--encoder", default=None)
-    b.add_argument("--sizes", default="1000,2000,4000,8000,16000,32000",
-                   help="exemplar counts for the exact-vs-HNSW crossover (comma-separated)")
-    b.add_argument("--requests", type=_at_least_1, default=96, help="serving: requests per run")
-    b.add_argument("--max-tokens", type=_at_least_1, default=16, help="serving: tokens per answer")
-    b.add_argument("--concurrency", type=_at_least_1, default=32, help="serving: in flight")
-    b.add_argument("--dtype", choices=("auto", "bfloat16", "float32", "float16"), default="auto",
-                   help="serving: engine precision for the stack and its baselines (auto: bf16 "
-                   "only where the CPU has AMX/AVX512-BF16; default %(default)s)")
-    b.add_argument("--domain", default="biomedicine", help="respond: the domain (%(default)s)")
-    b.add_argument("--instructions", type=_at_least_1, default=64,
-                   help="respond: instructions answered per run (%(default)s)")
-    b.add_argument("--base-model", default="smollm2-135m-instruct", help="respond: base model")
-    b.add_argument("--rounds", type=_at_least_1, default=5,
-                   help="serving: alternating rounds over the setups, medians reported (5)")
-    b.add_argument("--latency-pairs", type=_at_least_1, default=24,
-                   help="serving: sequential auto/forced request pairs for the routing overhead")
-    b.add_argument("--scale-sizes", default="5000,20000",
-                   help="scale: kept-instruction targets, each in a fresh process (%(default)s)")
-    b.add_argument("--scale-encoder", choices=["fake", "real"], default="fake",
-                   help="scale: hashed bag of words, or the router's embedded encoder")
-    b.set_defaults(func=run_bench)
 
 
 def _load(args):
@@ -184,47 +153,4 @@ def _run_eval(args) -> int:
         print(f"routed {len(items)} queries from {len(args.eval)} file(s): {router.describe()}\n")
         print(format_report(ev.metrics))
         print(f"\nwrote {cm}, {sw}, {args.out / 'route_eval.json'}")
-    return 0
-
-
-def _at_least_1(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
-
-
-def run_bench(args) -> int:
-    """`bench router|serving|all`: each writes its own reports/bench_<target>.json."""
-    code = 0
-    if args.target in ("router", "all"):
-        code = _bench_router(args)
-    if args.target in ("serving", "all") and code == 0:
-        from serve.cli import run_bench_serving  # lazily: Ray/vLLM only for this target
-
-        code = run_bench_serving(args)
-    if args.target == "respond":  # not in `all`: it measures the offline pipeline, not serving
-        from specialize.bench_respond import run_respond_bench
-
-        code = run_respond_bench(args)
-    if args.target == "scale":  # not in `all` either
-        from specialize.bench_scale import run_scale_bench
-
-        code = run_scale_bench(args)
-    return code
-
-
-def _bench_router(args) -> int:
-    from router.bench import bench_router, format_bench
-
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    result = bench_router(args.experts_dir, encoder=args.encoder, sizes=sizes)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench_router.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_bench(result))
-    print(f"\nwrote {path}")
     return 0

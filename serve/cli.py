@@ -1,4 +1,4 @@
-"""`selfspec serve`, `selfspec up`, `selfspec cluster-demo` and `selfspec bench serving`.
+"""`selfspec serve` and `selfspec up`.
 Parsing imports only the standard library; Ray, vLLM and the pipeline load inside the run
 functions."""
 
@@ -29,31 +29,6 @@ def add_parsers(sub) -> None:
     u.add_argument("--base-model", default="smollm2-135m-instruct")
     u.add_argument("--no-serve", action="store_true", help="specialize only, do not serve")
     u.set_defaults(func=run_up)
-
-    c = sub.add_parser("cluster-demo", help="two Ray nodes on this machine: deploy with Ray's "
-                       "CLI, lose one mid-stream, watch Serve recover",
-                       description="Starts a head and a worker node (separate `ray start` "
-                       "processes, own ports and temp dir), deploys the app with `serve "
-                       "deploy`, streams requests, kills the worker node mid-stream and checks "
-                       "that every request after Serve's recovery succeeds. Prints "
-                       "'cluster-demo: nodes=2 requests=N ok=M failed_during_failover=K "
-                       "recovered=yes|no' and exits 1 unless recovered. With an empty "
-                       "registry it publishes 2 synthetic experts (random LoRA on the "
-                       "embedded base).")
-    c.add_argument("--experts-dir", type=Path, default=None, help="the registry (default: "
-                   "experts/)")
-    c.add_argument("--base-model", default=None, help="default: the registry's base model")
-    c.add_argument("--requests", type=int, default=None,
-                   help="requests to send: a third before the node is lost, the rest after "
-                   "recovery (plus those sent during failover)")
-    c.add_argument("--concurrency", type=int, default=None, help="requests in flight")
-    c.add_argument("--port", type=int, default=None, help="HTTP port of the head's proxy "
-                   "(default: 8100)")
-    c.add_argument("--ray-port", type=int, default=None, help="GCS port; the dashboard and "
-                   "the other Ray ports follow it (default: 26300)")
-    c.add_argument("--out", type=Path, default=None, help="JSON report (default: "
-                   "reports/cluster_demo.json)")
-    c.set_defaults(func=run_cluster_demo)
 
 
 def _serve_flags(p) -> None:
@@ -270,18 +245,3 @@ def run_up(args) -> int:
     refuse_open_exposure(host, cfg, getattr(args, "insecure_no_auth", False))
     port = args.port or settings["port"] or 8000
     return up(args, cfg, host, port, settings["name"], settings["route_prefix"])
-
-
-def run_cluster_demo(args) -> int:
-    from serve.cluster_demo import build_demo_config
-    from serve.cluster_demo import run_cluster_demo as run
-
-    return run(build_demo_config(
-        experts_dir=args.experts_dir, base_model=args.base_model, requests=args.requests,
-        concurrency=args.concurrency, port=args.port, ray_port=args.ray_port, out=args.out))
-
-
-def run_bench_serving(args) -> int:
-    from serve.bench import run_serving_bench
-
-    return run_serving_bench(args)

@@ -435,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfspec", description="Self-specialized domain "
                                      "experts from one base model, served together.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    from bench.cli import add_parsers as _bench_parsers
     from evaluation.cli import add_parsers as _eval_parsers
     from router.cli import add_parsers as _router_parsers
     from serve.cli import add_parsers as _serve_parsers
@@ -445,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     _router_parsers(sub)
     _serve_parsers(sub)
     _eval_parsers(sub)
+    _bench_parsers(sub)
     return parser
 
 

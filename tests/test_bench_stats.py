@@ -1,8 +1,8 @@
 """The serving bench's statistics: medians over alternating rounds, paired latency overhead."""
 
-from serve.bench import median_run
-from serve.bench_latency import latency_summary
-from serve.bench_load import LoadResult
+from bench.serving import median_run
+from bench.serving_latency import latency_summary
+from bench.serving_load import LoadResult
 
 
 def run(tokens_per_s: float) -> LoadResult:
@@ -27,7 +27,7 @@ def test_latency_overhead_pairs_cancel_drift():
 
 
 def test_the_report_says_where_the_stack_ran():
-    from serve.bench import pinning_line
+    from bench.serving import pinning_line
 
     line = pinning_line({"worker_cpus": [0], "serve_cpus": [1], "processes": 9})
     assert line == "stack CPU pinning: vLLM's worker on cores [0], 9 Serve processes on [1]"

@@ -158,8 +158,8 @@ def test_build_app_passes_autoscaling_and_resources_through(tiny_registry):
 def test_demo_serve_config_validates_and_places_replicas_for_failover(tiny_registry):
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.cluster_demo import build_demo_config, demo_serve_config, validate_serve_config
-    from serve.cluster_nodes import ENGINE_RESOURCE
+    from bench.cluster_demo import build_demo_config, demo_serve_config, validate_serve_config
+    from bench.cluster_nodes import ENGINE_RESOURCE
 
     cfg = build_demo_config(port=8123)
     config = demo_serve_config(cfg, tiny_registry)
@@ -174,7 +174,7 @@ def test_demo_serve_config_validates_and_places_replicas_for_failover(tiny_regis
 
 
 def test_demo_ports_leave_rays_defaults_alone():
-    from serve.cluster_nodes import LocalNode, Ports
+    from bench.cluster_nodes import LocalNode, Ports
 
     p = Ports(26300)
     used = set(p.listening())
@@ -192,7 +192,7 @@ def test_demo_ports_leave_rays_defaults_alone():
 
 
 def test_demo_counts_failures_by_phase():
-    from serve.cluster_stream import Result, phases, summary_line
+    from bench.cluster_stream import Result, phases, summary_line
 
     def r(i, t0, t1, ok):
         return Result(i, "auto", t0, t1, ok, 200 if ok else 500, None, None)
@@ -209,7 +209,7 @@ def test_demo_counts_failures_by_phase():
 
 
 def test_demo_reads_serve_details_like_rays_rest_api():
-    from serve.cluster_nodes import app_state, placement
+    from bench.cluster_nodes import app_state, placement
 
     def rep(rid, node, state="RUNNING"):
         return {"replica_id": rid, "node_id": node, "state": state, "pid": 1}
@@ -229,7 +229,7 @@ def test_demo_reads_serve_details_like_rays_rest_api():
 
 
 def test_cli_wires_cluster_demo(tmp_path):
-    from serve.cluster_demo import build_demo_config
+    from bench.cluster_demo import build_demo_config
     from specialize.cli import build_parser
 
     a = build_parser().parse_args(["cluster-demo", "--experts-dir", str(tmp_path),

@@ -301,7 +301,7 @@ def test_evaluate_with_fake_backend(fake_served, tmp_path):
     assert "| finance | **1.00 [1.00, 1.00]** | 0.00 [0.00, 0.00] |" in table
     assert "| auto − base | mixed | +0.500" in table
     assert "Paired differences in score_generative" in table
-    from evaluation.results import eval_section  # README Results: generative beside cloze
+    from bench.results import eval_section  # README Results: generative beside cloze
 
     readme = "\n".join(eval_section(report, "docs/results"))
     assert readme.count("| finance − base on finance | +1.000 |") == 2

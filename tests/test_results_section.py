@@ -1,6 +1,6 @@
 """README's generated serving section: medians with every run, ratios, the latency breakdown."""
 
-from evaluation.results import serving_section
+from bench.results import serving_section
 
 
 def setup(rate, runs=None):

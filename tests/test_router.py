@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import router.index as index_mod
-from router.baseline import TfidfCentroid
+from bench.router_baseline import TfidfCentroid
 from router.evaluate import evaluate, format_report, summarize, sweep
 from router.index import ensure_index, load_router, read_meta
 from router.offtopic import OFF_TOPIC

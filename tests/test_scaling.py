@@ -78,7 +78,7 @@ def test_tensor_parallel_tasks_ask_for_that_many_gpus():
 
 
 def test_scale_bench_size_keeps_its_target_and_catches_near_repeats():
-    from specialize.bench_scale import run_size
+    from bench.scale import run_size
 
     row = run_size("finance", 80, "fake", seed=0)
     assert row["kept"] == 80 and row["num_instructions"] == 80

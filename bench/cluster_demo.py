@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.cluster_nodes import (
+from bench.cluster_nodes import (
     APP,
     ENGINE_RESOURCE,
     ClusterError,
@@ -44,7 +44,7 @@ from serve.cluster_nodes import (
     print_placement,
     ray_bin,
 )
-from serve.cluster_stream import RequestStream, phases, prompts_for, summary_line
+from bench.cluster_stream import RequestStream, phases, prompts_for, summary_line
 from core.errors import ConfigError
 
 
@@ -150,7 +150,7 @@ class ClusterDemo:
             if self.cfg.base_model:
                 raise ConfigError(f"no experts in {experts_dir} for --base-model "
                                   f"{self.cfg.base_model}: publish some there first")
-            from serve.bench import synthetic_registry
+            from bench.serving import synthetic_registry
             self.say(f"no experts in {experts_dir}: publishing 2 synthetic ones (random LoRA "
                      "on the embedded base; `selfspec up --no-serve` makes real ones) ...")
             experts_dir, synthetic = synthetic_registry(self.root / "synthetic"), True

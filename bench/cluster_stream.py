@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serve.cluster_demo import ClusterDemoConfig
+    from bench.cluster_demo import ClusterDemoConfig
 
 
 @dataclass

@@ -2,7 +2,7 @@
 distinct experts in one vLLM engine, and what one engine with N experts costs in weight memory
 against N merged model copies.
 
-Runs in its own process (`python -m serve.bench_engine SPEC.json OUT.json`) so that its engine's
+Runs in its own process (`python -m bench.serving_engine SPEC.json OUT.json`) so that its engine's
 memory and threads are gone before the HTTP phases start. One engine, `max_loras` = the largest
 N, prefix caching off (every setup sends the same prompts; a cache hit would flatter the later
 ones), every answer exactly `max_tokens` long. Setups: base only, one expert, and the batch spread

@@ -45,8 +45,8 @@ def _router(experts_dir: Path, encoder):
 
 
 def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> dict:
-    from router.ablation import ablation
-    from router.baseline import TfidfCentroid
+    from bench.router_ablation import ablation
+    from bench.router_baseline import TfidfCentroid
     from router.evaluate import evaluate
     from router.seedset import load_routing, routing_files, user_routing_files
 

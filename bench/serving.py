@@ -10,7 +10,7 @@ written to reports/bench_serving.json.
     routing overhead    sequential latency of model="auto" vs the same expert forced
     engine sweep        one vLLM engine: base only, one expert, the batch spread over 2/4/8/16
                         experts; weight memory of one engine with N experts vs N merged copies
-                        (serve/bench_engine.py, in its own process)
+                        (bench/serving_engine.py, in its own process)
 
 Side by side: the stack and `vllm serve` are up at the same time and the setups run in
 alternation, --rounds times (a pause between runs lets the idle server's busy-wait end), and each
@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve.bench_latency import KEY, health, routing_latency
-from serve.bench_load import (
+from bench.serving_latency import KEY, health, routing_latency
+from bench.serving_load import (
     free_port,
     run_load,
     run_naive_peft,
@@ -198,7 +198,7 @@ def bench_engine(plan, cfg, adapters: dict[str, Path], texts: list[str], args,
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_gib),
            "VLLM_LOGGING_LEVEL": "WARNING"}
     with (tmp / "engine.log").open("w") as log:
-        code = subprocess.call([sys.executable, "-m", "serve.bench_engine",
+        code = subprocess.call([sys.executable, "-m", "bench.serving_engine",
                                 str(tmp / "engine_spec.json"), str(tmp / "engine.json")],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     if code != 0:

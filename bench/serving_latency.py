@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import statistics
 
-from serve.bench_load import run_load
+from bench.serving_load import run_load
 
-KEY = "bench"  # the API key serve/bench.py starts the stack with
+KEY = "bench"  # the API key bench/serving.py starts the stack with
 
 
 def routing_latency(url: str, texts: list[str], chosen: list[str], max_tokens: int,
