@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from specialize.config import EngineConfig, RespondConfig, ResponseFilterConfig
+from core.engine import EngineConfig, RespondConfig, ResponseFilterConfig
 from specialize.filter_responses import filter_responses
 from core.jsonl import read_jsonl, write_jsonl
 from core.precision import cpu_isa
@@ -37,7 +37,7 @@ def bench_instructions(domain: str, n: int) -> list[dict]:
 
 def run_respond_bench(args) -> int:
     from core.base_model import resolve_base_model
-    from specialize.engine import VllmGenerator
+    from core.engine import VllmGenerator
 
     domain = load_domain(args.domain)
     rows = bench_instructions(domain.name, args.instructions)

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from router.encoder import MemoEncoder
+from core.encoder import MemoEncoder
 from router.evaluate import evaluate
 from router.types import ScoringConfig
 

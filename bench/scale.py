@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from specialize.config import FilterConfig, GenerateConfig
-from specialize.engine import Completion
+from core.engine import Completion
 
 DIM = 384  # the router encoder's width, so the reference matrices have their real shape
 TEMPLATES = (

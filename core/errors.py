@@ -33,6 +33,10 @@ class AdapterError(SelfspecError):
     """An adapter that vLLM's LoRA loader would reject."""
 
 
+class EncoderError(SelfspecError):
+    """The sentence encoder (routing, retrieval, the domain check) cannot be loaded."""
+
+
 class RegistryError(SelfspecError):
     """The expert registry is unreadable, of another format version, or not writable."""
 

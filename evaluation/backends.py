@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specialize.engine import TokenRequest
+from core.engine import TokenRequest
 from core.errors import SelfspecError
 from core.precision import precision_facts
 
@@ -100,8 +100,8 @@ class DirectBackend:
     def __init__(self, experts_dir: Path, served: Served, plan, registry, engine_cfg=None,
                  need_router: bool = False):
         from serve.adapters import adapter_dir, lora_int_id
-        from specialize.config import EngineConfig
-        from specialize.engine import Adapter, VllmGenerator
+        from core.engine import EngineConfig
+        from core.engine import Adapter, VllmGenerator
 
         self.served = served
         self.gains = {n: e.gain for n, e in registry.experts.items()}  # for `route`

@@ -48,8 +48,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from evaluation.backends import BASE
-from evaluation.formats import CLASSIFY, LETTER, MAX_TOKENS, SHORT, YES_NO
-from evaluation.stats import CONFIDENCE, paired_diff
+from core.eval_formats import CLASSIFY, LETTER, MAX_TOKENS, SHORT, YES_NO
+from core.stats import CONFIDENCE, paired_diff
 
 SCHEMA_VERSION = 1
 AUTO, MIXED = "auto", "mixed"

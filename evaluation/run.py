@@ -18,7 +18,7 @@ from pathlib import Path
 
 from evaluation.backends import BASE, Request, Served
 from evaluation.config import TARGET_GROUPS, EvalConfig
-from evaluation.formats import (
+from core.eval_formats import (
     FORMATS,
     MAX_TOKENS,
     ItemScore,
@@ -27,7 +27,7 @@ from evaluation.formats import (
     score_multiple_choice,
     user_text,
 )
-from evaluation.stats import macro_f1_ci, mean_ci
+from core.stats import macro_f1_ci, mean_ci
 from core.errors import ConfigError
 from core.seeds import EvalItem
 
@@ -130,7 +130,7 @@ def open_backend(plan: EvalPlan):
     cfg = plan.cfg
     if cfg.endpoint:
         return HttpBackend(plan.served, cfg.api_key, _tokenizer_path(plan), cfg.concurrency)
-    from specialize.config import EngineConfig
+    from core.engine import EngineConfig
 
     engine_plan, registry = plan.direct
     return DirectBackend(cfg.experts_dir, plan.served, engine_plan, registry,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from router.encoder import Encoder, canonical_name, load_encoder
+from core.encoder import Encoder, canonical_name, load_encoder
 from router.route import Router
 from router.types import RouterError, ScoringConfig
 from router.vectors import index_kind, read_index, write_index
@@ -206,7 +206,7 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
         os.replace(tmp, folder / offtopic_file)
     meta = {
         "format_version": INDEX_FORMAT,
-        "encoder": {"name": router.encoder.name, "dim": router.encoder.dim},
+        "encoder": {"name": core.encoder.name, "dim": core.encoder.dim},
         "registry_revision": registry.revision,
         "registry_fingerprint": fingerprint(registry),
         "experts": router.names,

@@ -109,7 +109,7 @@ def run_serve(args) -> int:
 
 def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bool) -> int:
     """`selfspec serve`: start, print how to use it, serve until Ctrl-C or SIGTERM."""
-    from specialize.console import console
+    from core.console import console
     from core.registry import load_registry
 
     registry = load_registry(cfg.experts_dir)
@@ -164,7 +164,7 @@ def start_serving(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
     from ray import serve
 
     from serve.app import build_app
-    from specialize.console import console
+    from core.console import console
     from core.errors import SelfspecError
 
     server = Server(name, own_ray=not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"))

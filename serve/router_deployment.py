@@ -42,7 +42,7 @@ class RouterServer:
                                   due=self._retries.any_due)
 
     def _load_router(self, experts_dir: Path):
-        from router.encoder import canonical_name
+        from core.encoder import canonical_name
         from router.index import read_meta
         from router.route import Router
 

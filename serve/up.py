@@ -91,7 +91,7 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
     from serve.cli import _health, ready_message, start_serving
     from core.base_model import BUILTIN, cache_root, resolve_base_model
     from core.build_status import clear_build_status
-    from specialize.console import console
+    from core.console import console
     from specialize.progress import continue_command, kept_summary
     from core.registry import load_registry
     from core.seeds import available_domains, load_domain
@@ -154,7 +154,7 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
 def watch_child(child: subprocess.Popen, cfg, url: str | None, domains: list[str]) -> int:
     """Progress on the console until the child ends; one line per expert the server gains."""
     from core.build_status import read_build_status
-    from specialize.console import console
+    from core.console import console
     from specialize.progress import format_progress
 
     announced: set[str] = set()

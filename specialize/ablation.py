@@ -35,7 +35,7 @@ from specialize.ablation_config import (  # noqa: F401 - SETTINGS re-exported fo
     resolve_setting,
 )
 from specialize.config import SpecializeConfig, build_config
-from specialize.engine import build_vllm_generator
+from core.engine import build_vllm_generator
 from core.errors import ConfigError
 from core.jsonl import read_jsonl, write_json
 from specialize.quality import (

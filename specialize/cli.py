@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from specialize.config import STAGES
-from specialize.console import catch_interrupts, console, interrupt_line, route_output
+from core.console import catch_interrupts, console, interrupt_line, route_output
 from core.errors import SelfspecError
 from core.precision import DTYPES
 
@@ -199,7 +199,7 @@ def dense_encoder(cfg):
     answers are already written builds none); specialize itself never imports the router."""
     if cfg.respond.retrieval != "dense":
         return None
-    from router.encoder import load_encoder
+    from core.encoder import load_encoder
 
     return functools.partial(load_encoder, None)
 
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that start engines: their third-party output goes to a log file (specialize/console.py).
+# Commands that start engines: their third-party output goes to a log file (core/console.py).
 QUIET_COMMANDS = ("specialize", "up", "serve")
 
 

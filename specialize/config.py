@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from core.engine import EngineConfig
 from core.errors import ConfigError
 from core.lora import VLLM_LORA_RANKS
 from core.precision import Dtype
@@ -34,23 +35,6 @@ STAGES = ("generate", "filter", "respond", "filter_responses", "train")
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class EngineConfig(_Config):
-    """The shared vLLM engine used by the generation stages."""
-
-    max_model_len: int = Field(2048, ge=256)
-    # vLLM CPU: KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB); keep it small on 2-core boxes.
-    kv_cache_gib: int = Field(2, ge=1)
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
-    # GPUs one engine shards the model over (vLLM tensor parallelism), for a base model larger
-    # than one GPU's memory (a 70B model in bf16 needs ~140 GB). On Ray, each domain task then
-    # asks for this many GPUs.
-    tensor_parallel_size: int = Field(1, ge=1)
-    # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), fp32 on other CPUs,
-    # where bf16 is emulated and ~8x slower (core/precision.py).
-    dtype: Dtype = "auto"
-    seed: int = 0
 
 
 class GenerateConfig(_Config):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from core.base_model import resolve_base_model
 from specialize.config import SpecializeConfig
-from specialize.engine import build_vllm_generator
+from core.engine import build_vllm_generator
 from core.errors import ConfigError, SelfspecError
 from specialize.pipeline import check_encoder, rebuild_router_index
 from specialize.publish import ensure_writable

@@ -5,7 +5,7 @@ eval`, so routing decisions taken on it do not tune the reported numbers. It run
 training, in the training process, on the PEFT model already in memory: the base model is the
 same model under `disable_adapter()`, so the measurement loads nothing.
 
-Items are scored by likelihood only (no generation), with the prompts of evaluation/formats.py:
+Items are scored by likelihood only (no generation), with the prompts of core/eval_formats.py:
 
     multiple_choice  cloze: each option's summed log-likelihood as the reply to the question
                      (options not listed); the highest per character wins (acc_norm, the
@@ -16,7 +16,7 @@ Items are scored by likelihood only (no generation), with the prompts of evaluat
     classification   the labels scored as cloze options after the eval's prompt
 
 Short answers need generation and are left out. The per-item 0/1 scores of expert and base give
-the paired bootstrap of evaluation/stats.py: diff, its 95% interval, P(not better).
+the paired bootstrap of core/stats.py: diff, its 95% interval, P(not better).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def measure_gain(model, tokenizer, items: list[EvalItem], cfg: GainConfig,
     PEFT model, or None without items."""
     # evaluation's own prompts, scoring rules and bootstrap, so this gain and `selfspec eval`
     # agree on what an item is worth; both modules import only specialize and numpy.
-    from evaluation.stats import paired_diff
+    from core.stats import paired_diff
 
     if not items:
         return None
@@ -84,7 +84,7 @@ def measure_gain(model, tokenizer, items: list[EvalItem], cfg: GainConfig,
 
 def score_items(model, tokenizer, items: list[EvalItem]) -> list[float]:
     """Each item's 0/1 score under `model` as it is (adapter on or off)."""
-    from evaluation.formats import score_multiple_choice, user_text
+    from core.eval_formats import score_multiple_choice, user_text
 
     pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     spans = []  # per item: (first pair, number of pairs)

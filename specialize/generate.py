@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from specialize.config import GenerateConfig
-from specialize.engine import Generator, Sampling
+from core.engine import Generator, Sampling
 from specialize.filter import InstructionFilter
 from core.jsonl import append_jsonl, resume_jsonl, write_json
 from specialize.prompts import (

@@ -22,7 +22,7 @@ from pathlib import Path
 from core.base_model import resolve_base_model
 from specialize.config import STAGES, SpecializeConfig
 from specialize.datacard import build_data_card, write_data_card
-from specialize.engine import Adapter, Generator, build_vllm_generator
+from core.engine import Adapter, Generator, build_vllm_generator
 from core.errors import ConfigError
 from specialize.filter import build_filter, filter_instructions
 from specialize.filter_responses import filter_responses

@@ -22,7 +22,7 @@ from core.build_status import (
     clear_build_status,
     write_build_status,
 )
-from specialize.console import Console, format_seconds
+from core.console import Console, format_seconds
 from core.registry import load_registry
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from specialize.config import RespondConfig
-from specialize.engine import Adapter, Generator, Sampling
+from core.engine import Adapter, Generator, Sampling
 from core.jsonl import append_jsonl, read_jsonl, resume_jsonl, write_json
 from specialize.prompts import (
     RESPONSE_STOP,

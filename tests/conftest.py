@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specialize.engine import Completion
+from core.engine import Completion
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub

@@ -19,7 +19,7 @@ from specialize.ablation import (
 from specialize.cli import main
 from specialize.config import FilterConfig
 from specialize.datacard import build_data_card
-from specialize.engine import Completion
+from core.engine import Completion
 from core.errors import ConfigError
 from core.seeds import load_domain
 from tests.conftest import FakeGenerator, seeds_dir

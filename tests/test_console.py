@@ -25,7 +25,7 @@ from core.build_status import (
     read_build_status,
     write_build_status,
 )
-from specialize.console import Console, format_seconds
+from core.console import Console, format_seconds
 from specialize.progress import (
     ProgressMonitor,
     bar_stage,
@@ -181,7 +181,7 @@ def test_terminal_console_rewrites_one_line():
 
 ROUTE = textwrap.dedent("""
     import logging, os, subprocess, sys, warnings
-    from specialize.console import console, route_output
+    from core.console import console, route_output
     path = route_output("serve", verbose=sys.argv[1] == "-v")
     console.say(f"log: {path}")
     subprocess.run([sys.executable, "-c", "import sys; print('engine core noise', file=sys.stderr)"])
@@ -324,7 +324,7 @@ def test_up_shows_the_childs_progress_and_each_expert_the_server_gains(tmp_path,
     from types import SimpleNamespace
 
     from serve import up
-    from specialize.console import console
+    from core.console import console
 
     write_build_status(tmp_path, BuildStatus(domains={
         "law": DomainProgress(state="running", stage="respond", done=3, total=8, eta_s=20.0),

@@ -9,7 +9,7 @@ import pytest
 
 from evaluation.backends import Result, Served
 from evaluation.config import build_eval_config
-from evaluation.formats import (
+from core.eval_formats import (
     first_line,
     letter_text,
     normalize,
@@ -22,7 +22,7 @@ from evaluation.formats import (
 )
 from evaluation.report import format_table, write_outputs
 from evaluation.run import evaluate, limit_items
-from evaluation.stats import macro_f1, macro_f1_ci, mean_ci, paired_diff
+from core.stats import macro_f1, macro_f1_ci, mean_ci, paired_diff
 from specialize.cli import main
 from core.errors import ConfigError
 from core.seeds import EvalItem, load_domain

@@ -58,7 +58,7 @@ def test_cpu_isa_reads_this_machine():
 
 def test_configs_validate_dtype():
     from serve.config import build_serve_config
-    from specialize.config import EngineConfig
+    from core.engine import EngineConfig
     from core.errors import ConfigError
 
     assert EngineConfig(dtype="float32").dtype == "float32"

@@ -220,7 +220,7 @@ class _ScoringEngine:
         self.requests = []
 
     def complete_tokens(self, requests):
-        from specialize.engine import TokenResult
+        from core.engine import TokenResult
 
         self.requests += requests
         return [TokenResult("", (None,) + tuple(-float(i) for i in range(1, len(r.prompt_ids))))

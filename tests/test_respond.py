@@ -8,7 +8,7 @@ import os
 import pytest
 
 from specialize.config import RespondConfig
-from specialize.engine import Completion
+from core.engine import Completion
 from core.jsonl import append_jsonl, read_jsonl
 from specialize.respond import generate_responses
 from core.seeds import load_domain

@@ -126,7 +126,7 @@ def test_the_respond_stage_retrieves_with_the_injected_encoder_built_once(dense_
 
 
 def test_the_cli_hands_dense_runs_the_router_s_encoder_as_a_factory(tmp_path):
-    from router.encoder import load_encoder
+    from core.encoder import load_encoder
     from specialize.cli import dense_encoder
 
     dense = build_config(experts_dir=tmp_path, respond={"retrieval": "dense"})

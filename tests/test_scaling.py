@@ -11,9 +11,9 @@ import pytest
 
 from core.errors import ConfigError
 from specialize.cli import main
-from specialize.config import EngineConfig, build_config
+from core.engine import EngineConfig, build_config
 from specialize.distributed import TaskResources, build_distributed_config, resolve_resources
-from specialize.engine import VllmGenerator
+from core.engine import VllmGenerator
 from tests.conftest import write_domain
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from specialize.config import EngineConfig
+from core.engine import EngineConfig
 from tests.integration.tiny_model import build_tiny_llama
 
 
@@ -17,7 +17,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")  # closed when its module ends: the serving tests start their own
 def engine(tiny_model):
-    from specialize.engine import VllmGenerator
+    from core.engine import VllmGenerator
 
     # float32 whatever the CPU: the serving app covers `auto` (bf16 on CPUs with native bf16),
     # this engine covers the fp32 path AVX2-only CPUs take.

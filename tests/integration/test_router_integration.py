@@ -12,10 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from router.encoder import DEFAULT_ENCODER, MemoEncoder, SentenceTransformerEncoder
+from core.encoder import DEFAULT_ENCODER, MemoEncoder, SentenceTransformerEncoder
 from router.evaluate import evaluate
 from router.index import ensure_index, load_router, read_meta
 from router.seedset import load_routing, routing_files, write_seed_registry
+from core.errors import EncoderError
 from router.types import RouterError
 from specialize.cli import main
 from core.registry import load_registry
@@ -82,7 +83,7 @@ def test_other_encoder_is_refused_with_a_clear_message(experts, router):
 
 
 def test_unloadable_encoder_is_a_clear_error():
-    with pytest.raises(RouterError, match="cannot load encoder .* offline"):
+    with pytest.raises(EncoderError, match="cannot load encoder .* offline"):
         SentenceTransformerEncoder("no-such-org/no-such-model")
 
 
@@ -101,7 +102,7 @@ def test_traced_encoder_embeds_like_sentence_transformers(encoder):
 
 
 def test_only_mean_pooling_models_are_traced(encoder):
-    from router.encoder import _trace_mean_pooling
+    from core.encoder import _trace_mean_pooling
 
     model = encoder.inner.model
     cls = type(model)(modules=[model[0], type(model[1])(model[1].embedding_dimension,
@@ -111,10 +112,10 @@ def test_only_mean_pooling_models_are_traced(encoder):
 
 
 def test_long_query_is_truncated_and_logged(router, caplog):
-    assert isinstance(router.encoder.inner, SentenceTransformerEncoder)
+    assert isinstance(core.encoder.inner, SentenceTransformerEncoder)
     text = ("A tenant moved out and the landlord kept the whole deposit for normal wear and "
             "tear; can the tenant sue to get it back? ") * 40  # ~1000 tokens
-    with caplog.at_level(logging.DEBUG, logger="router.encoder"):
+    with caplog.at_level(logging.DEBUG, logger="core.encoder"):
         choice = router.route(text)
     assert choice.expert == "law"
     assert any("truncated to the encoder window of 256 tokens" in r.message

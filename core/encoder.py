@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from router.types import RouterError
+from core.errors import EncoderError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class SentenceTransformerEncoder:
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as hf_logging
         except ImportError as e:  # pragma: no cover - a broken install
-            raise RouterError(f"the router needs sentence-transformers ({e}): "
+            raise EncoderError(f"the router needs sentence-transformers ({e}): "
                               "reinstall with `make setup`") from e
         if not log.isEnabledFor(logging.DEBUG):
             hf_logging.disable_progress_bar()  # a "Loading weights" bar per CLI call is noise
@@ -77,7 +77,7 @@ class SentenceTransformerEncoder:
             # local_files_only: a hub id must already be in the cache; never a download
             self.model = SentenceTransformer(source, device="cpu", local_files_only=True)
         except Exception as e:
-            raise RouterError(
+            raise EncoderError(
                 f"cannot load encoder {spec!r} offline ({type(e).__name__}: {e}); pass a local "
                 "sentence-transformers folder, or omit --encoder for the embedded "
                 f"{DEFAULT_ENCODER}") from e
@@ -213,7 +213,7 @@ def load_encoder(spec: str | Encoder | None) -> Encoder:
     """An encoder object as given, or built from a name/folder (None: the embedded default)."""
     if spec is not None and not isinstance(spec, str):
         if not isinstance(spec, Encoder):
-            raise RouterError(f"encoder {spec!r} has no name/dim/encode(): pass a model name, "
+            raise EncoderError(f"encoder {spec!r} has no name/dim/encode(): pass a model name, "
                               "a folder, or an object with those")
         return spec
     return SentenceTransformerEncoder(spec)

@@ -13,10 +13,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from specialize.config import EngineConfig
-from core.precision import cpu_isa, resolve_dtype
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.precision import Dtype, cpu_isa, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    """The offline vLLM engine: the generation stages share one, and `selfspec eval` builds its own."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_model_len: int = Field(2048, ge=256)
+    # vLLM CPU: KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB); keep it small on 2-core boxes.
+    kv_cache_gib: int = Field(2, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
+    # GPUs one engine shards the model over (vLLM tensor parallelism), for a base model larger
+    # than one GPU's memory (a 70B model in bf16 needs ~140 GB). On Ray, each domain task then
+    # asks for this many GPUs.
+    tensor_parallel_size: int = Field(1, ge=1)
+    # auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), fp32 on other CPUs,
+    # where bf16 is emulated and ~8x slower (core/precision.py).
+    dtype: Dtype = "auto"
+    seed: int = 0
 
 
 @dataclass(frozen=True)
