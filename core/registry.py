@@ -6,10 +6,12 @@ Layout under the experts dir (default `experts/`):
     .versions/<name>/v<N>/            immutable published versions: adapter/ data/ expert.json
     <name> -> .versions/<name>/v<N>   convenience symlink to the current version
     .lock                             held while a publisher rewrites registry.json
+    .revisions/r<N>.json              revision N as its writer claimed it (see commit_registry)
 
 Visibility is defined by `registry.json` alone: a version directory is complete before the
 registry names it, and the registry file is replaced with `os.replace`, so a crash at any point
-leaves either the old or the new registry, never a half-written expert. Paths inside the registry
+leaves either the old or the new registry, never a half-written expert (a revision claimed by a
+writer killed before it rewrote registry.json is written by the next change). Paths inside the registry
 are relative to the experts dir, so the folder can be moved or mounted elsewhere (a Ray cluster's
 shared volume) as a unit.
 
@@ -24,16 +26,19 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.errors import ExpertNotFoundError, RegistryError
+from core.jsonl import fsync_dir
 
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
+LOCK_FILE = ".lock"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Names an expert can never take: they mean something else in the serving `model` field, or
 # name a folder beside the registry (the router index lives in <experts>/router/).
@@ -197,13 +202,17 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old or the new content, never a torn one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; readers (a server) may be other users
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; readers (a server) may be other users
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -215,11 +224,36 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def check_locking(experts_dir: Path) -> None:
+    """Fail now if the experts dir's filesystem has no `flock` (some NFS mounts, FUSE): the
+    publish at the end of a run would otherwise fail after hours of work."""
+    try:
+        with open(experts_dir / LOCK_FILE, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another publisher holds it: locking works
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError as e:
+        raise RegistryError(_no_lock(experts_dir, e)) from e
+
+
+def _no_lock(experts_dir: Path, e: OSError) -> str:
+    return (f"experts dir {experts_dir} does not support file locks (flock: "
+            f"{e.strerror or e}): publishing there is not safe; use a local folder or a mount "
+            "with locking (NFS without nolock/local_lock)")
+
+
 @contextlib.contextmanager
 def locked(experts_dir: Path) -> Iterator[None]:
-    """Serialize registry read-modify-write across processes (parallel publishers on one volume)."""
-    with open(experts_dir / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """Serialize registry read-modify-write across processes (parallel publishers on one volume).
+    On storage where the lock is node-local it does not exclude; `commit_registry` stays correct
+    there, the lock only saves it retries."""
+    with open(experts_dir / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:
+            raise RegistryError(_no_lock(experts_dir, e)) from e
         try:
             yield
         finally:
@@ -227,4 +261,119 @@ def locked(experts_dir: Path) -> Iterator[None]:
 
 
 def write_registry(experts_dir: Path, registry: Registry) -> None:
+    """Replace registry.json as it is. Publishers use `commit_registry`, which also claims the
+    revision; this is for a fresh registry (tests, fixtures) and hand edits."""
     atomic_write_text(experts_dir / REGISTRY_FILE, registry.model_dump_json(indent=2) + "\n")
+
+
+# --- the revision compare-and-swap -------------------------------------------------------------
+# Every change claims revision N+1 by creating `.revisions/r<N+1>.json` (the whole new registry)
+# with link(2), which fails when the name exists on every POSIX filesystem and on NFS, lock or
+# no lock. Exactly one writer gets each revision, and it built its registry on revision N, so
+# no change is lost; registry.json is then brought up to the newest claim and re-read to check
+# that a slower writer did not put an older one back.
+
+CLAIMS_DIR = ".revisions"
+CLAIM_RE = re.compile(r"^r(\d+)\.json$")
+# Older claims are removed (each is also in every revision after it), once both this many
+# revisions behind and this old: a writer that claims a removed number was stalled that long
+# between reading its base and claiming, and _claim refuses it.
+CLAIMS_KEPT = 64
+CLAIMS_KEPT_S = 3600.0
+CLAIM_TRIES = 1000
+
+
+def _claims(experts_dir: Path) -> dict[int, Path]:
+    folder = experts_dir / CLAIMS_DIR
+    if not folder.is_dir():
+        return {}
+    found = {int(m[1]): folder / n for n in os.listdir(folder) if (m := CLAIM_RE.match(n))}
+    return dict(sorted(found.items()))
+
+
+def _read_claim(path: Path) -> Registry:
+    try:
+        return Registry.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValidationError) as e:
+        raise RegistryError(f"cannot read the registry revision {path}: {e}") from e
+
+
+def newest_registry(experts_dir: Path) -> Registry:
+    """registry.json, or the newest claimed revision when a writer has claimed one and not yet
+    written registry.json (or was killed in between: its version is complete on disk)."""
+    registry = load_registry(experts_dir)
+    claims = _claims(experts_dir)
+    if claims and max(claims) > registry.revision:
+        return _read_claim(claims[max(claims)])
+    return registry
+
+
+def _claim(experts_dir: Path, registry: Registry) -> bool:
+    """Create the claim for `registry.revision`; False when another writer holds it."""
+    folder = experts_dir / CLAIMS_DIR
+    folder.mkdir(exist_ok=True)
+    path = folder / f"r{registry.revision}.json"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".claim-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(registry.model_dump_json(indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; servers may be other users
+        try:
+            os.link(tmp, path)  # atomic and exclusive, unlike a rename
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
+    fsync_dir(folder)
+    base = registry.revision - 1
+    if base > 0 and not (folder / f"r{base}.json").exists() and _revision(experts_dir) != base:
+        # the base was pruned: this writer stalled for an hour between reading and claiming
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _revision(experts_dir: Path) -> int:
+    try:
+        return load_registry(experts_dir).revision
+    except RegistryError:
+        return -1  # unreadable: the newest claim replaces it
+
+
+def _settle(experts_dir: Path) -> None:
+    """Bring registry.json up to the newest claim, and check by reading it back: another writer
+    may replace it with an older revision at any moment until every writer has settled."""
+    for _ in range(CLAIM_TRIES):
+        claims = _claims(experts_dir)
+        newest = max(claims)
+        if _revision(experts_dir) >= newest:
+            break
+        atomic_write_text(experts_dir / REGISTRY_FILE, claims[newest].read_text(encoding="utf-8"))
+        fsync_dir(experts_dir)
+    for n in [n for n in claims if n <= newest - CLAIMS_KEPT]:
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - claims[n].stat().st_mtime > CLAIMS_KEPT_S:
+                claims[n].unlink()
+
+
+def commit_registry(experts_dir: Path, change: Callable[[Registry], None]) -> Registry:
+    """Apply `change` to the newest registry and write it as the next revision; returns what was
+    written. `change` may run more than once (on a newer registry each time another writer
+    claimed the revision first), so it must only edit the registry it is given."""
+    with locked(experts_dir):
+        for _ in range(CLAIM_TRIES):
+            base = newest_registry(experts_dir)
+            registry = base.model_copy(deep=True)
+            change(registry)
+            registry.revision = base.revision + 1
+            registry.updated = utcnow()
+            if _claim(experts_dir, registry):
+                break
+        else:
+            raise RegistryError(f"could not claim a registry revision in {experts_dir} after "
+                                f"{CLAIM_TRIES} tries: too many writers at once")
+        _settle(experts_dir)
+    return registry
+

@@ -1,8 +1,11 @@
 """Stage 7: publish a trained expert into the registry, atomically.
 
 1. Build the whole version folder under `.versions/<name>/.staging-*` (adapter, data, logs,
-   expert.json), then rename it to `.versions/<name>/v<N>` (one atomic rename).
-2. Under the registry lock, point `registry.json` at it (written to a temp file, then os.replace).
+   expert.json) and fsync it, then rename it to `.versions/<name>/v<N>` (one atomic rename; it
+   fails when another publisher took v<N>, and the next number is tried).
+2. Claim the next registry revision with the expert in it and bring `registry.json` up to it
+   (core.registry.commit_registry: a compare-and-swap that holds even where the registry lock
+   is node-local, e.g. NFS with local_lock, gcsfuse, s3fs).
 3. Re-point the convenience symlink `<name> -> .versions/<name>/v<N>` (also an os.replace).
 
 A crash before step 2 leaves an unreferenced folder and the old registry; nothing half-written is
@@ -11,6 +14,7 @@ ever visible to the router or the server, which read only what registry.json nam
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -20,14 +24,18 @@ from pathlib import Path
 from core.errors import RegistryError
 from core.jsonl import fsync_dir, fsync_tree, read_jsonl, write_json
 from core.registry import (
+    CLAIM_TRIES,
     ExpertEntry,
     GainInfo,
     LoraInfo,
+    Registry,
     TrainInfo,
+    check_locking,
+    commit_registry,
     load_registry,
-    locked,
+    newest_registry,
     utcnow,
-    write_registry,
+    version_dirs,
 )
 from core.seeds import Domain
 
@@ -53,6 +61,7 @@ def ensure_writable(experts_dir: Path) -> None:
     except OSError as e:
         raise RegistryError(f"experts dir {experts_dir} is not writable ({e.strerror}): pass "
                             "--experts-dir with a folder you can write") from e
+    check_locking(experts_dir)  # a filesystem without flock fails now, not after training
     load_registry(experts_dir)  # an unreadable registry fails now, not after training
 
 
@@ -81,11 +90,13 @@ def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: 
         kept = [r["instruction"] for r in read_jsonl(workdir / "filter" / "kept.jsonl")]
         sample = random.Random(f"{seed}:{name}").sample(kept, min(n_exemplars, len(kept)))
         fsync_tree(staging)  # on disk before the registry names it (a power cut, not empty files)
-        with locked(experts_dir):
-            registry = load_registry(experts_dir)
-            taken = [int(p.name[1:]) for p in versions.glob("v*") if p.name[1:].isdigit()]
-            version = max(taken + [registry.experts[name].version if name in registry.experts
-                                   else 0]) + 1
+        # The version number is claimed by the rename (a folder cannot be renamed onto a full
+        # one), the registry change by commit_registry: both hold where the lock does not.
+        entry = None
+        for _ in range(CLAIM_TRIES):
+            registry = newest_registry(experts_dir)
+            version = max([*version_dirs(experts_dir, name),
+                           registry.experts[name].version if name in registry.experts else 0]) + 1
             entry = ExpertEntry(
                 name=name, version=version, description=domain.description,
                 base_model=base_model, base_model_path=str(base_model_path),
@@ -100,18 +111,41 @@ def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: 
                 # expert vs base on the validation split, measured after training (gain.py)
                 gain=GainInfo(**train_summary["gain"]) if train_summary.get("gain") else None)
             write_json(staging / "expert.json", entry.model_dump(mode="json"))
-            final = versions / f"v{version}"
-            os.rename(staging, final)  # atomic: the folder appears complete or not at all
-            fsync_dir(versions)
-            registry.experts[name] = entry
-            registry.revision += 1
-            registry.updated = entry.created
-            write_registry(experts_dir, registry)
-            fsync_dir(experts_dir)
-            _point_symlink(experts_dir / name, Path(".versions") / name / f"v{version}")
+            try:
+                os.rename(staging, versions / f"v{version}")  # the folder appears complete
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                continue  # another publisher took v<version> a moment ago
+            break
+        else:
+            raise RegistryError(f"could not claim a version folder in {versions} after "
+                                f"{CLAIM_TRIES} tries")
+        fsync_dir(versions)
+
+        def add(registry: Registry) -> None:
+            current = registry.experts.get(name)
+            if current is None or current.version < entry.version:  # a newer one stays current
+                registry.experts[name] = entry
+
+        commit_registry(experts_dir, add)
+        _follow_symlink(experts_dir, name)
         return entry
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _follow_symlink(experts_dir: Path, name: str) -> None:
+    """Point `<name>` at the version the registry names, and check by reading both back: a
+    publisher of an older version may re-point it at any moment until each has checked."""
+    for _ in range(CLAIM_TRIES):
+        current = newest_registry(experts_dir).experts.get(name)
+        link = experts_dir / name
+        if current is None or (link.is_symlink() and os.readlink(link) == current.path):
+            return
+        if link.exists() and not link.is_symlink():
+            return  # a user's own folder of that name: leave it, the registry is what counts
+        _point_symlink(link, Path(current.path))
 
 
 def _point_symlink(link: Path, target: Path) -> None:

@@ -417,21 +417,114 @@ def test_publish_fsyncs_every_staged_file_before_the_registry_names_it(tmp_path,
 
     monkeypatch.setattr(jsonl_mod.os, "fsync", spy)
     experts = tmp_path / "experts"
-    seen_at_registry_write = {}
-    real_write_registry = publish_mod.write_registry
+    seen_at_claim = {}
+    real_claim = registry_mod._claim
 
-    def write_registry(experts_dir, registry):
+    def claim(experts_dir, registry):  # the moment a revision names the version
         version = experts_dir / registry.experts["demo"].path
         # what a power cut right now would need on disk: every file and folder of the version
-        seen_at_registry_write["missing"] = [
+        seen_at_claim["missing"] = [
             str(p) for p in [version, version.parent, *version.rglob("*")]
             if p.stat().st_ino not in synced]
-        return real_write_registry(experts_dir, registry)
+        return real_claim(experts_dir, registry)
 
-    monkeypatch.setattr(publish_mod, "write_registry", write_registry)
+    monkeypatch.setattr(registry_mod, "_claim", claim)
     entry = publish_demo(tmp_path / "a", experts)
-    assert entry.version == 1 and seen_at_registry_write["missing"] == []
+    assert entry.version == 1 and seen_at_claim["missing"] == []
     assert experts.stat().st_ino in synced  # the registry's rename too
+
+
+# A publisher process whose registry lock excludes nothing (NFS with local_lock, gcsfuse,
+# s3fs), on a slow volume: 20 ms between reading the registry and replacing it.
+RACE_PUBLISHER = """
+import contextlib, sys, time
+from pathlib import Path
+import core.registry as registry
+import specialize.publish as publish
+from core.seeds import load_domain
+from tests.conftest import write_domain
+from tests.test_registry import fake_work
+
+registry.locked = lambda experts_dir: contextlib.nullcontext()
+for module in (registry, publish):
+    if hasattr(module, "locked"):
+        module.locked = registry.locked
+slow_write = registry.atomic_write_text
+registry.atomic_write_text = lambda path, text: (time.sleep(0.02), slow_write(path, text))
+tag, experts, rounds, start = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+root = experts.parent / tag
+for name in ("shared", tag):
+    write_domain(root / "seeds", name)
+work, train_dir, train_file = fake_work(root)
+time.sleep(max(0.0, start - time.time()))  # both processes start publishing together
+for _ in range(rounds):
+    for name in ("shared", tag):
+        entry = publish.publish_expert(
+            load_domain(name, root / "seeds"), experts, work, train_dir, train_file,
+            {"rank": 8, "alpha": 16, "target_modules": ["q_proj"]},
+            {"examples": 1, "epochs": 1, "loss_first": 2.0, "loss_last": 1.0}, "tiny",
+            root / "base", {}, 1, n_exemplars=3)
+        print(name, entry.version, flush=True)
+"""
+
+
+def test_publish_race_with_a_lock_that_does_not_exclude_loses_no_version(tmp_path):
+    experts, rounds = tmp_path / "experts", 5
+    experts.mkdir()
+    start = time.time() + 4  # past both interpreters' imports
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_PUBLISHER, tag, str(experts),
+                               str(rounds), str(start)], cwd=Path(__file__).parents[1],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for tag in ("p0", "p1")]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    published = sorted(tuple(line.split()) for out, _ in outs for line in out.splitlines())
+    # every publish that reported success has its own version, on disk, with its own number
+    shared = sorted(int(v) for name, v in published if name == "shared")
+    assert shared == list(range(1, 2 * rounds + 1))
+    for name, v in published:
+        path = experts / ".versions" / name / f"v{v}" / "expert.json"
+        assert json.loads(path.read_text())["version"] == int(v)
+    reg = load_registry(experts)
+    assert reg.revision == 4 * rounds  # one revision per publish: none overwritten
+    assert {n: e.version for n, e in reg.experts.items()} == {
+        "shared": 2 * rounds, "p0": rounds, "p1": rounds}
+    assert (experts / "shared").resolve().name == f"v{2 * rounds}"
+
+
+def test_experts_dir_without_flock_fails_at_start(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import core.registry as registry_mod
+    from core.errors import RegistryError
+    from specialize.cli import main
+    from specialize.pipeline import specialize
+    from specialize.publish import ensure_writable
+    from tests.conftest import write_domain
+    from tests.test_datacard import _cfg
+
+    def no_flock(fd, op):  # what NFS mounted without lockd answers
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(registry_mod.fcntl, "flock", no_flock)
+    with pytest.raises(RegistryError, match="does not support file locks"):
+        ensure_writable(tmp_path / "experts")
+
+    write_domain(tmp_path / "seeds", "alpha")
+    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(tmp_path / "seeds"))
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    engines = []
+    with pytest.raises(RegistryError, match="No locks available"):
+        specialize(["alpha"], _cfg(tmp_path, tmp_path / "base"),
+                   make_generator=lambda *a, **k: engines.append(a))
+    assert engines == []  # refused before any engine started, not after training
+
+    rc = main(["specialize", "alpha", "--experts-dir", str(tmp_path / "cli-experts"),
+               "--base-model", str(tmp_path / "base"), "--corpus", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "does not support file locks" in err[0]
+    assert "Traceback" not in err[0]
 
 
 # --- 3. --resume after a kill between publish and cleanup does not publish again -------------
