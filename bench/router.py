@@ -72,7 +72,7 @@ def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> 
     unbatched_qps = len(queries) / (lat_ms.sum() / 1000)
     unbatched_cpu = len(queries) / (cpu_ms.sum() / 1000)
 
-    vecs = core.encoder.encode(queries)
+    vecs = router.encoder.encode(queries)
     t = time.perf_counter()
     for v in vecs:
         router.score_vectors(v[None, :])
@@ -96,7 +96,7 @@ def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> 
         "machine": {"cpu": _cpu_name(),
                     "cores_visible": os.cpu_count(), "threads_used": 1,
                     "load_avg_1m": round(os.getloadavg()[0], 2)},
-        "router": {"source": source, "encoder": core.encoder.name,
+        "router": {"source": source, "encoder": router.encoder.name,
                    "experts": router.names, "n_vectors": int(router.index.ntotal),
                    "index_kind": router.kind,
                    "thresholds": dict(zip(router.names, map(float, router.thresholds)))},
@@ -106,7 +106,7 @@ def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> 
                        "p99_cpu": _r(np.percentile(cpu_ms, 99)),
                        "search_and_score_mean": _r(search_ms)},
         "throughput_qps": {"batched": _r(qps), "batched_cpu": _r(qps_cpu), "batch_size": BATCH,
-                           "bf16_weights": bool(getattr(core.encoder, "bf16", False)),
+                           "bf16_weights": bool(getattr(router.encoder, "bf16", False)),
                            "unbatched": _r(unbatched_qps), "unbatched_cpu": _r(unbatched_cpu),
                            "speedup": _r(qps / unbatched_qps),
                            "speedup_cpu": _r(qps_cpu / unbatched_cpu)},
@@ -114,7 +114,7 @@ def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> 
                      "baseline_fit_and_score_ms": _r(base_ms)},
         "search_crossover": crossover(router, vecs, sizes),
         "user_style": user,
-        "ablation": ablation(exemplars, descriptions, core.encoder,
+        "ablation": ablation(exemplars, descriptions, router.encoder,
                              {"shipped": (vecs, domains)} | {
                                  f"user_{k}": (v["vectors"], v["domains"])
                                  for k, v in user.items()}),
@@ -158,7 +158,7 @@ def _user_split(router, items) -> dict:
 
     queries = [it.query for it in items]
     lat_ms, cpu_ms = _route_times(router, queries)
-    vecs = core.encoder.encode(queries)
+    vecs = router.encoder.encode(queries)
     ev = evaluate(router.names, router.thresholds, router.expert_scores(vecs),
                   [it.domain for it in items], [it.style for it in items],
                   router.offtopic_scores(vecs), router.cfg)

@@ -206,7 +206,7 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
         os.replace(tmp, folder / offtopic_file)
     meta = {
         "format_version": INDEX_FORMAT,
-        "encoder": {"name": core.encoder.name, "dim": core.encoder.dim},
+        "encoder": {"name": router.encoder.name, "dim": router.encoder.dim},
         "registry_revision": registry.revision,
         "registry_fingerprint": fingerprint(registry),
         "experts": router.names,

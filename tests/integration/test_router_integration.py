@@ -112,7 +112,7 @@ def test_only_mean_pooling_models_are_traced(encoder):
 
 
 def test_long_query_is_truncated_and_logged(router, caplog):
-    assert isinstance(core.encoder.inner, SentenceTransformerEncoder)
+    assert isinstance(router.encoder.inner, SentenceTransformerEncoder)
     text = ("A tenant moved out and the landlord kept the whole deposit for normal wear and "
             "tear; can the tenant sue to get it back? ") * 40  # ~1000 tokens
     with caplog.at_level(logging.DEBUG, logger="core.encoder"):
