@@ -12,9 +12,10 @@ from pathlib import Path
 
 def add_parsers(sub) -> None:
     b = sub.add_parser("bench", help="benchmark a component and write reports/bench_*.json")
-    b.add_argument("target", choices=["router", "serving", "respond", "scale", "all"],
+    b.add_argument("target", choices=["router", "serving", "respond", "scale", "train", "all"],
                    help="respond: stage 3 with per-instruction vs shared demos on one engine; "
-                   "scale: stages 1-2 at the paper's data scale with a fake generator")
+                   "scale: stages 1-2 at the paper's data scale with a fake generator; "
+                   "train: stage 5's SFTTrainer against the former hand-written loop")
     b.add_argument("--out", type=Path, default=Path("reports"))
     b.add_argument("--experts-dir", type=Path, default=Path("experts"),
                    help="registry to bench (default experts/; the shipped seeds if it is empty)")
@@ -39,6 +40,12 @@ def add_parsers(sub) -> None:
                    help="scale: kept-instruction targets, each in a fresh process (%(default)s)")
     b.add_argument("--scale-encoder", choices=["fake", "real"], default="fake",
                    help="scale: hashed bag of words, or the router's embedded encoder")
+    b.add_argument("--train-data", type=Path, default=None,
+                   help="train: a train.jsonl (default: seed pairs of --train-domain)")
+    b.add_argument("--train-domain", default="finance", help="train: seeds used as data")
+    b.add_argument("--train-rows", type=_at_least_1, default=64, help="train: examples (64)")
+    b.add_argument("--train-rounds", type=_at_least_1, default=2,
+                   help="train: alternating runs of each trainer, medians reported (2)")
     b.set_defaults(func=run_bench)
 
     c = sub.add_parser("cluster-demo", help="two Ray nodes on this machine: deploy with Ray's "
@@ -92,6 +99,10 @@ def run_bench(args) -> int:
         from bench.scale import run_scale_bench
 
         code = run_scale_bench(args)
+    if args.target == "train":  # not in `all` either
+        from bench.train import run_train_bench
+
+        code = run_train_bench(args)
     return code
 
 

@@ -1,5 +1,5 @@
 """Stage 5's former hand-written training loop, kept only as the baseline of `selfspec bench
-train` (specialize/train_bench.py): SFTTrainer (specialize/train.py) must match its loss curve and
+train` (bench/train.py): SFTTrainer (specialize/train.py) must match its loss curve and
 stay within 1.2x its wall time on CPU. Nothing in the pipeline calls it.
 """
 
