@@ -17,7 +17,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from core.engine import EngineConfig
 from core.errors import ConfigError
 from core.lora import VLLM_LORA_RANKS
-from core.precision import Dtype
 
 def _servable(rank: int) -> int:
     if rank not in VLLM_LORA_RANKS:
