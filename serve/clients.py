@@ -2,30 +2,53 @@
 Serve they are deployment handles (`HandleEngine`, `HandleRouter`); unit tests pass in-process
 fakes with the same methods, so the whole HTTP layer is tested without Ray or vLLM.
 
-An engine answers one request as a stream of tuples:
-    (ERROR, status, body)            the request failed (body: OpenAI error object); nothing else
-    (RESPONSE, body)                 a whole non-streaming response (dict)
-    (CHUNK, "data: {...}\\n\\n")       one server-sent event of a streaming response
-    (USAGE, prompt_tokens, completion_tokens)   last, for the token metrics (never sent on)
+An engine answers one request with typed messages:
+    Answer(body, usage)   a whole non-streaming response (OpenAI's JSON body) and its tokens
+    Chunk(event)          one server-sent event of a streaming response ("data: {...}\\n\\n")
+    Usage(prompt, completion)   once, after a stream's chunks, for the token metrics (never
+                          sent on to the client)
+A request that fails raises (a `ServeError`, or vLLM's own exception); the ingress maps every
+exception to its HTTP status in one place, `serve/errors.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from ray import serve
 
 from router.types import RouteChoice
 
-ERROR, RESPONSE, CHUNK, USAGE = "error", "response", "chunk", "usage"
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    body: dict
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Chunk:
+    event: str
+
+
+EngineItem = Answer | Chunk | Usage
 
 
 class EngineClient(Protocol):
-    def generate(self, kind: str, request, expert: str | None) -> AsyncIterator[tuple]: ...
+    def generate(self, kind: str, request, expert: str | None) -> AsyncIterator[EngineItem]:
+        """A streaming request's Chunks and Usage (a non-streaming one's Answer)."""
+        ...
 
-    async def respond(self, kind: str, request, expert: str | None) -> list[tuple]:
-        """A non-streaming request's items, all at once."""
+    async def respond(self, kind: str, request, expert: str | None) -> Answer:
+        """A non-streaming request's answer, in one call."""
         ...
 
     async def catalog(self) -> dict:
@@ -53,7 +76,7 @@ class HandleEngine:
     def generate(self, kind, request, expert):
         return self.stream.generate.remote(kind, request, expert)
 
-    async def respond(self, kind, request, expert) -> list[tuple]:
+    async def respond(self, kind, request, expert) -> Answer:
         # One unary call: a streamed generator costs a message per item plus its end, for a
         # response that is whole anyway.
         return await self.handle.respond.remote(kind, request, expert)

@@ -20,9 +20,9 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from serve.adapters import adapter_dir, adapter_signature, check_adapters, plan_engine
-from serve.clients import ERROR
+from serve.clients import Answer, EngineItem
 from serve.config import build_serve_config
-from serve.errors import error_body
+from serve.errors import UnknownModelError
 from serve.watch import RegistryFollower, RetrySchedule, start_watch
 from core.registry import ExpertEntry
 
@@ -151,19 +151,23 @@ class EngineServer:
                          "max_cpu_loras": self.plan.max_cpu_loras}}
 
     async def generate(self, kind: str, request, expert: str | None):
+        """The request's messages (serve/clients.py); a failed request raises."""
         if expert is not None and expert not in self.loaded:
             await self.reload()  # published a moment ago, before this replica's watch saw it
             if expert not in self.loaded:
                 why = self.skipped.get(expert, "not in the registry")
-                yield (ERROR, 404, error_body(f"expert {expert!r} is not served: {why}", 404,
-                                              "model"))
-                return
+                raise UnknownModelError(f"expert {expert!r} is not served: {why}", "model")
         async for item in self.backend.generate(kind, request, expert):
             yield item
 
-    async def respond(self, kind: str, request, expert: str | None) -> list[tuple]:
-        """A non-streaming request in one call: [(RESPONSE, body), (USAGE, ...)] or [(ERROR, ...)]."""
-        return [item async for item in self.generate(kind, request, expert)]
+    async def respond(self, kind: str, request, expert: str | None) -> Answer:
+        """A non-streaming request in one call."""
+        items: list[EngineItem] = [item async for item in self.generate(kind, request, expert)]
+        answers = [item for item in items if isinstance(item, Answer)]
+        if len(answers) != 1:  # a streaming request sent to the one-call path: a bug (a 500)
+            raise RuntimeError(f"the engine answered with {len(answers)} whole responses, "
+                               "not one")
+        return answers[0]
 
     async def check_health(self) -> None:
         await self.backend.check_health()

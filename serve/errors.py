@@ -33,6 +33,9 @@ class ServeError(SelfspecError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):  # raised in the engine replica, mapped in the ingress: keep `param`
+        return type(self), (str(self), self.param)
+
 
 class InvalidRequestError(ServeError):
     """Malformed JSON, a missing or wrongly typed field, an unsupported parameter."""
@@ -64,6 +67,23 @@ class RequestTimeoutError(ServeError):
     status = HTTPStatus.REQUEST_TIMEOUT
 
 
+class EngineRequestError(ServeError):
+    """A request vLLM's serving classes refused with an `ErrorResponse` (a prompt over the
+    context, a bad sampling parameter): its status and OpenAI body, passed on unchanged."""
+
+    def __init__(self, status: int, body: dict):
+        super().__init__(body.get("error", {}).get("message", ""),
+                         body.get("error", {}).get("param"))
+        self.status, self.body = HTTPStatus(status), body
+
+    @classmethod
+    def from_response(cls, err) -> EngineRequestError:
+        return cls(int(err.error.code), err.model_dump())
+
+    def __reduce__(self):
+        return type(self), (int(self.status), self.body)
+
+
 # selfspec's own errors outside serve/ (first match wins: subclasses before bases).
 _SELFSPEC_STATUS: list[tuple[type[Exception], HTTPStatus]] = [
     (ExpertNotFoundError, HTTPStatus.NOT_FOUND),
@@ -85,13 +105,11 @@ def error_body(message: str, status: int, param: str | None = None,
                                          code=int(status))).model_dump()
 
 
-def vllm_error(err) -> tuple[int, dict]:
-    """A vLLM `ErrorResponse` (what its serving classes return) -> (status, body)."""
-    return int(err.error.code), err.model_dump()
-
-
 def map_exception(exc: BaseException) -> tuple[int, dict]:
     """Any exception -> (status, OpenAI error body). Unknown errors are 500 without details."""
+    exc = _cause(exc)
+    if isinstance(exc, EngineRequestError):
+        return int(exc.status), exc.body
     if isinstance(exc, ServeError):
         return int(exc.status), error_body(str(exc), exc.status, exc.param)
     for cls, status in _SELFSPEC_STATUS:
@@ -142,7 +160,21 @@ def _vllm_exception(exc: BaseException) -> tuple[int, dict] | None:
         return None
     if not isinstance(exc, (VLLMError, ValueError, TypeError, OverflowError)):
         return None
-    return vllm_error(create_error_response(exc))
+    err = create_error_response(exc)
+    return int(err.error.code), err.model_dump()
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error the engine replica raised, out of the RayTaskError that carried it to the
+    ingress (that one is also an instance of the cause's class, but its message is the whole
+    remote traceback)."""
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:  # pragma: no cover
+        return exc
+    while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    return exc
 
 
 def _replica_gone(exc: BaseException) -> bool:

@@ -23,13 +23,12 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from serve.clients import (
-    CHUNK,
-    ERROR,
-    USAGE,
+    Chunk,
     EngineClient,
     HandleEngine,
     HandleRouter,
     RouterClient,
+    Usage,
 )
 from serve.config import ServeConfig, build_serve_config
 from serve.errors import (
@@ -112,24 +111,16 @@ class Service:
             sel = await self.selector.select(request.model, text)
             self.metrics.observe_selection(sel)
             if not request.stream:
-                first, *rest = await self._in_time(self.engine.respond(kind, request,
-                                                                       sel.expert), t0)
-                if first[0] == ERROR:
-                    status = first[1]
-                    return JSONResponse(first[2], status_code=status, headers=sel.headers())
-                for item in rest:
-                    if item[0] == USAGE:
-                        self.metrics.observe_tokens(sel, item[1], item[2])
-                return JSONResponse(first[1], headers=sel.headers())
+                answer = await self._in_time(self.engine.respond(kind, request, sel.expert),
+                                             t0)
+                self._count(sel, answer.usage)
+                return JSONResponse(answer.body, headers=sel.headers())
             items = self.engine.generate(kind, request, sel.expert)
-            try:
+            try:  # a request the engine refuses raises here, before any byte is sent
                 first = await self._in_time(items.__anext__(), t0)
             except RequestTimeoutError:
                 await _cancel(items)
                 raise
-            if first[0] == ERROR:
-                status = first[1]
-                return JSONResponse(first[2], status_code=status, headers=sel.headers())
             streaming = True
             return StreamingResponse(self._sse(first, items, sel, endpoint, t0),
                                      media_type="text/event-stream", headers=sel.headers())
@@ -140,6 +131,9 @@ class Service:
         finally:
             if not streaming:
                 self.metrics.observe_request(endpoint, sel, status, time.perf_counter() - t0)
+
+    def _count(self, sel, usage: Usage) -> None:
+        self.metrics.observe_tokens(sel, usage.prompt_tokens, usage.completion_tokens)
 
     async def _in_time(self, awaitable, t0: float):
         """Await within what is left of ingress.request_timeout_s (counted from `t0`, the
@@ -155,16 +149,16 @@ class Service:
     async def _sse(self, first, items, sel, endpoint: str, t0: float):
         status, done = 200, False
         try:
-            yield first[1]
+            item = first
             while True:
+                if isinstance(item, Chunk):
+                    yield item.event
+                elif isinstance(item, Usage):
+                    self._count(sel, item)
                 try:
                     item = await self._in_time(items.__anext__(), t0)
                 except StopAsyncIteration:
                     break
-                if item[0] == CHUNK:
-                    yield item[1]
-                elif item[0] == USAGE:
-                    self.metrics.observe_tokens(sel, item[1], item[2])
             done = True
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, like vLLM
             status, err = map_exception(e)

@@ -1,7 +1,8 @@
 """The vLLM side of the engine deployment: one `AsyncLLM` with LoRA enabled, and vLLM's own
 OpenAI serving classes (`OpenAIServingChat`, `OpenAIServingCompletion`, `OpenAIServingModels`)
 doing prompt rendering, sampling-parameter checks, logprobs/echo and SSE formatting. We only
-decide which adapter a request uses, and stream back small tuples (see serve/clients.py).
+decide which adapter a request uses, and stream back typed messages (serve/clients.py); a request
+vLLM refuses raises.
 
 Adapters are registered with vLLM under their versioned name (`finance@v2`: vLLM keys its
 prefix cache by adapter name) and a stable int id, while requests and responses use the expert's
@@ -17,9 +18,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from serve.adapters import EnginePlan, lora_int_id
-from serve.clients import CHUNK, ERROR, RESPONSE, USAGE
+from serve.clients import Answer, Chunk, EngineItem, Usage
 from serve.config import ServeConfig
-from serve.errors import map_exception, vllm_error
+from serve.errors import EngineRequestError
 from core.precision import precision_facts, resolve_dtype
 from core.registry import ExpertEntry
 
@@ -97,7 +98,7 @@ class VllmBackend:
     def has(self, name: str) -> bool:
         return name in self.models.lora_requests
 
-    async def generate(self, kind: str, request, expert: str | None) -> AsyncIterator[tuple]:
+    async def generate(self, kind: str, request, expert: str | None) -> AsyncIterator[EngineItem]:
         from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
@@ -107,33 +108,26 @@ class VllmBackend:
         if request.stream and not want_usage:
             # Ask for the final usage chunk so token metrics work on streams; dropped below.
             request.stream_options = StreamOptions(include_usage=True)
-        try:
-            if kind == "chat":
-                out = await self.chat.create_chat_completion(request, None)
-            else:
-                out = await self.completion.create_completion(request, None)
-        except Exception as e:  # noqa: BLE001 - vLLM raises its validation errors
-            yield (ERROR, *map_exception(e))
-            return
+        # vLLM raises some validation errors and returns others: both leave here raised.
+        if kind == "chat":
+            out = await self.chat.create_chat_completion(request, None)
+        else:
+            out = await self.completion.create_completion(request, None)
         if isinstance(out, ErrorResponse):
-            yield (ERROR, *vllm_error(out))
-            return
+            raise EngineRequestError.from_response(out)
         if not request.stream:
             body = out.model_dump()
-            yield (RESPONSE, body)
-            usage = body.get("usage") or {}
-            yield (USAGE, usage.get("prompt_tokens", 0), usage.get("completion_tokens") or 0)
+            yield Answer(body, _usage(body.get("usage")))
             return
         async for chunk in out:
             if chunk.startswith("data: {") and '"usage":{' in chunk:
                 data = json.loads(chunk[6:])
                 usage = data.get("usage")
                 if usage and not data.get("choices"):  # the final, usage-only chunk
-                    yield (USAGE, usage.get("prompt_tokens", 0),
-                           usage.get("completion_tokens") or 0)
+                    yield _usage(usage)
                     if not want_usage:
                         continue
-            yield (CHUNK, chunk)
+            yield Chunk(chunk)
 
     async def check_health(self) -> None:
         await self.engine.check_health()  # raises once the engine core has died
@@ -142,3 +136,8 @@ class VllmBackend:
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.shutdown()
+
+
+def _usage(usage: dict | None) -> Usage:
+    usage = usage or {}
+    return Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)

@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from router.index import load_router, read_meta
-from serve.clients import USAGE
+from serve.clients import Usage
 from serve.config import build_serve_config
 from serve.ingress import Service, build_http_app
 from serve.watch import RetrySchedule
@@ -377,7 +377,8 @@ class SlowEngine(FakeEngine):
     async def generate(self, kind, request, expert):
         try:
             async for item in super().generate(kind, request, expert):
-                await asyncio.sleep(1.0 if self.calls[-1:] and item[0] != USAGE else 0)
+                await asyncio.sleep(1.0 if self.calls[-1:] and not isinstance(item, Usage)
+                                    else 0)
                 yield item
         finally:
             self.closed += 1

@@ -11,8 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from router.types import RouteChoice
-from serve.clients import CHUNK, ERROR, RESPONSE, USAGE
+from serve.clients import Answer, Chunk, Usage
 from serve.config import build_serve_config
+from serve.errors import EngineRequestError
 from serve.ingress import Service, build_http_app
 
 KEY = "sk-test-123"
@@ -34,22 +35,22 @@ class FakeEngine:
         self.calls.append((kind, expert))
         if self.fail_with is not None:
             raise self.fail_with
-        if getattr(request, "max_tokens", None) == 999:
-            yield (ERROR, 400, {"error": {"message": "too many", "type": "BadRequestError",
-                                          "param": "max_tokens", "code": 400}})
-            return
+        if getattr(request, "max_tokens", None) == 999:  # as vLLM refuses a request
+            raise EngineRequestError(400, {"error": {
+                "message": "too many", "type": "BadRequestError", "param": "max_tokens",
+                "code": 400}})
         model, text = expert or "base", f"answered by {expert or 'base'}"
         if request.stream:
             for piece in (text[:8], text[8:]):
                 delta = {"content": piece} if kind == "chat" else None
                 choice = {"index": 0, "delta": delta} if kind == "chat" else \
                     {"index": 0, "text": piece}
-                yield (CHUNK, "data: " + json.dumps({
+                yield Chunk("data: " + json.dumps({
                     "id": "x", "object": "chat.completion.chunk" if kind == "chat"
                     else "text_completion", "created": 0, "model": model,
                     "choices": [choice]}) + "\n\n")
-            yield (USAGE, 5, 2)
-            yield (CHUNK, "data: [DONE]\n\n")
+            yield Usage(5, 2)
+            yield Chunk("data: [DONE]\n\n")
             return
         if kind == "chat":
             body = {"id": "x", "object": "chat.completion", "created": 0, "model": model,
@@ -60,11 +61,10 @@ class FakeEngine:
             body = {"id": "x", "object": "text_completion", "created": 0, "model": model,
                     "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
-        yield (RESPONSE, body)
-        yield (USAGE, 5, 2)
+        yield Answer(body, Usage(5, 2))
 
     async def respond(self, kind, request, expert):
-        return [item async for item in self.generate(kind, request, expert)]
+        return [item async for item in self.generate(kind, request, expert)][0]
 
     async def catalog(self):
         return json.loads(json.dumps(self.cat))
@@ -257,6 +257,33 @@ def test_engine_errors_pass_through_and_failures_map(app):
     assert r.status_code == 500 and "boom" not in r.text  # no internals leak
     engine.fail_with = None
     assert client.post("/v1/chat/completions", json=ask("bond")).status_code == 200
+    # A stream the engine refuses before its first chunk: a status, not a stream.
+    r = client.post("/v1/chat/completions", json=ask("bond", max_tokens=999, stream=True))
+    assert r.status_code == 400 and r.json()["error"]["message"] == "too many"
+
+
+def test_engine_errors_keep_status_and_body_across_ray():
+    """What the engine replica raises reaches the ingress pickled, inside Ray's RayTaskError
+    (whose message is not the error's): mapped, it is the engine's own error again."""
+    import pickle
+
+    from ray.exceptions import RayTaskError
+
+    from serve.errors import UnknownModelError, map_exception
+
+    refused = EngineRequestError(400, {"error": {"message": "too many", "type": "BadRequestError",
+                                                 "param": "max_tokens", "code": 400}})
+    gone = UnknownModelError("expert 'law' is not served: not in the registry", "model")
+    for err, status, param in ((refused, 400, "max_tokens"), (gone, 404, "model")):
+        try:
+            raise err
+        except Exception as e:  # noqa: BLE001 - wrapped the way Ray wraps a task's error
+            sent = RayTaskError("generate", "Traceback (most recent call last): ...", e)
+        wrapped = pickle.loads(pickle.dumps(sent)).as_instanceof_cause()
+        assert isinstance(wrapped, type(err)) and str(wrapped) != str(err)
+        code, body = map_exception(wrapped)
+        assert (code, body["error"]["param"]) == (status, param)
+        assert body["error"]["message"] == str(err) and "Traceback" not in str(body)
 
 
 def test_api_key_guards_v1_and_admin_only():

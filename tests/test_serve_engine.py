@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from router.types import RouteChoice, RouterError
-from serve.clients import ERROR, RESPONSE
+from serve.clients import Answer, Usage
 from serve.engine import EngineServer
+from serve.errors import UnknownModelError, map_exception
 from serve.router_deployment import RouterServer
 from core.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 
@@ -32,7 +33,7 @@ class FakeBackend:
         self.loaded.pop(name, None)
 
     async def generate(self, kind, request, expert):
-        yield (RESPONSE, {"model": expert or "base"})
+        yield Answer({"model": expert or "base"}, Usage(1, 1))
 
     async def check_health(self):
         pass
@@ -144,12 +145,13 @@ def test_generate_for_an_expert_it_does_not_serve_is_404(setup):
     async def collect(expert):
         return [item async for item in server.generate("chat", None, expert)]
 
-    assert asyncio.run(collect("law")) == [(RESPONSE, {"model": "law"})]
-    (item,) = asyncio.run(collect("broken"))
-    assert item[0] == ERROR and item[1] == 404 and "could not load" in \
-        item[2]["error"]["message"]
+    assert asyncio.run(collect("law")) == [Answer({"model": "law"}, Usage(1, 1))]
+    with pytest.raises(UnknownModelError, match="could not load") as refused:
+        asyncio.run(collect("broken"))
+    assert map_exception(refused.value)[0] == 404 and refused.value.param == "model"
     publish(experts, base, "math")  # published after the last reload: found on demand
-    assert asyncio.run(collect("math")) == [(RESPONSE, {"model": "math"})]
+    assert asyncio.run(server.respond("chat", None, "math")) == \
+        Answer({"model": "math"}, Usage(1, 1))
 
 
 class FlakyRouter:
