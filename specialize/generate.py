@@ -81,15 +81,18 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
                                 first, cfg.guided_items) if cfg.guided_items else None)
         completions = generator.complete([p for _, p in prompts], sampling)
 
+        parsed = [task for (first, _), comp in zip(prompts, completions)
+                  for task in parse_instruction_list(comp.text, first,
+                                                     comp.finish_reason == "length")]
+        filt.warm(parsed)  # the batch's embeddings in one encoder call
         new_rows, gained = [], 0
-        for (first, _), comp in zip(prompts, completions):
-            for task in parse_instruction_list(comp.text, first, comp.finish_reason == "length"):
-                new_rows.append({"id": f"{domain.name}-g{batch:04d}-{len(new_rows):03d}",
-                                 "instruction": task.instruction, "input": task.input,
-                                 "batch": batch})
-                if filt.check(task).reason is None:
-                    kept.append(task)
-                    gained += 1
+        for task in parsed:
+            new_rows.append({"id": f"{domain.name}-g{batch:04d}-{len(new_rows):03d}",
+                             "instruction": task.instruction, "input": task.input,
+                             "batch": batch})
+            if filt.check(task).reason is None:
+                kept.append(task)
+                gained += 1
         # A batch that parsed to nothing still records that it ran (resume skips it).
         append_jsonl(path, new_rows or [{"id": f"{domain.name}-g{batch:04d}-empty",
                                          "instruction": "", "input": "", "batch": batch,

@@ -9,11 +9,16 @@ from typing import ClassVar
 
 import pytest
 
+from bench.scale import HashEncoder, run_size
+from core.encoder import MemoEncoder
+from core.engine import EngineConfig, VllmGenerator
 from core.errors import ConfigError
 from specialize.cli import main
-from core.engine import EngineConfig, build_config
+from specialize.config import FilterConfig, build_config
 from specialize.distributed import TaskResources, build_distributed_config, resolve_resources
-from core.engine import VllmGenerator
+from specialize.filter import InstructionFilter
+from specialize.prompts import Task
+from specialize.quality import DomainReference
 from tests.conftest import write_domain
 
 
@@ -78,11 +83,36 @@ def test_tensor_parallel_tasks_ask_for_that_many_gpus():
 
 
 def test_scale_bench_size_keeps_its_target_and_catches_near_repeats():
-    from bench.scale import run_size
-
     row = run_size("finance", 80, "fake", seed=0)
     assert row["kept"] == 80 and row["num_instructions"] == 80
     assert row["candidates"] > 80
     # The fake generator rewords a tenth of its items: the ROUGE filter must catch them.
     assert row["rejected"].get("near_duplicate", 0) > 0
     assert row["peak_rss_mib"] > 0 and row["total_s"] > 0
+
+
+class _CountingEncoder:
+    name, dim = "counting", 384
+
+    def __init__(self):
+        self.inner, self.calls = HashEncoder(), []
+
+    def encode(self, texts):
+        self.calls.append(len(texts))
+        return self.inner.encode(texts)
+
+
+def test_filter_embeds_a_batch_of_candidates_in_one_encoder_call():
+    counting = _CountingEncoder()
+    sets = {"demo": ["Explain what a bond yield measures.", "Describe how interest compounds."],
+            "other": ["Name the bones of the human arm.", "What does a kidney filter?"]}
+    ref = DomainReference(MemoEncoder(counting), "demo", sets)
+    filt = InstructionFilter(FilterConfig(max_perplexity_ratio=None), [], [], reference=ref)
+    tasks = [Task(f"Explain how bond yield number {i} compounds over time.",
+                  "" if i % 2 else f"A bond with coupon {i} percent.") for i in range(40)]
+    counting.calls.clear()
+    filt.warm(tasks)
+    assert len(counting.calls) == 1 and counting.calls[0] == 40 + 2 * 20  # texts + both halves
+    verdicts = [filt.check(t) for t in tasks]
+    assert len(counting.calls) == 1  # every check was served from the memo
+    assert any(v.reason is None for v in verdicts)
