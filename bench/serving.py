@@ -228,7 +228,7 @@ def synthetic_registry(root: Path, domains=("finance", "law")) -> Path:
 
     from serve.adapters import LINEAR_TARGETS
     from core.base_model import DEFAULT_BASE_MODEL, resolve_base_model
-    from specialize.publish import publish_expert
+    from specialize.publish import PublishRequest, publish_expert
     from core.seeds import load_domain
 
     base = resolve_base_model(DEFAULT_BASE_MODEL)
@@ -248,10 +248,14 @@ def synthetic_registry(root: Path, domains=("finance", "law")) -> Path:
         (work / "train.jsonl").write_text(rows)
         (work / "train" / "loss.json").write_text("[]")
         (work / "train" / "loss.png").write_bytes(b"")
-        publish_expert(domain, experts, work, work / "train", work / "train.jsonl",
-                       {"rank": 8, "alpha": 16, "target_modules": list(LINEAR_TARGETS)},
-                       {"examples": 4, "epochs": 0.0, "loss_first": None, "loss_last": None},
-                       DEFAULT_BASE_MODEL, base, {"synthetic": True}, 1, n_exemplars=4)
+        publish_expert(PublishRequest(
+            domain=domain, experts_dir=experts, workdir=work, train_dir=work / "train",
+            train_file=work / "train.jsonl",
+            lora={"rank": 8, "alpha": 16, "target_modules": list(LINEAR_TARGETS)},
+            train_summary={"examples": 4, "epochs": 0.0, "loss_first": None,
+                           "loss_last": None},
+            base_model=DEFAULT_BASE_MODEL, base_model_path=base,
+            resolved_config={"synthetic": True}, rounds=1, n_exemplars=4))
     return experts
 
 

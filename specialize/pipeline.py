@@ -29,7 +29,7 @@ from specialize.filter_responses import filter_responses
 from specialize.gain import VALIDATION_FILE, load_validation
 from specialize.generate import generate_instructions
 from core.jsonl import write_json
-from specialize.publish import ensure_writable, publish_expert
+from specialize.publish import PublishRequest, ensure_writable, publish_expert
 from core.registry import ExpertEntry, GainInfo, load_registry
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
@@ -143,13 +143,16 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         else:
             write_json(run.workdir / "summary.json", summary)
             write_data_card(_data_card(run, cfg), run.workdir)  # publish copies it along
-            entry = publish_expert(
-                run.domain, experts_dir, run.workdir, run.workdir / final,
-                run.workdir / ("respond2_filter" if cfg.rounds == 2 else "respond_filter") /
-                "train.jsonl", run.state["done"][f"validate_{final}"],
-                run.state["done"][final], cfg.base_model, base_path,
-                cfg.model_dump(mode="json", by_alias=True), cfg.rounds, cfg.router_exemplars,
-                cfg.engine.seed)
+            entry = publish_expert(PublishRequest(
+                domain=run.domain, experts_dir=experts_dir, workdir=run.workdir,
+                train_dir=run.workdir / final,
+                train_file=run.workdir / ("respond2_filter" if cfg.rounds == 2
+                                          else "respond_filter") / "train.jsonl",
+                lora=run.state["done"][f"validate_{final}"],
+                train_summary=run.state["done"][final], base_model=cfg.base_model,
+                base_model_path=base_path,
+                resolved_config=cfg.model_dump(mode="json", by_alias=True), rounds=cfg.rounds,
+                n_exemplars=cfg.router_exemplars, seed=cfg.engine.seed))
         run.finish("published", {"version": entry.version}, time.time() - started)
         summary["seconds"]["publish"] = round(time.time() - started, 1)
         summary["version"] = entry.version

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import RegistryError
@@ -65,10 +66,28 @@ def ensure_writable(experts_dir: Path) -> None:
     load_registry(experts_dir)  # an unreadable registry fails now, not after training
 
 
-def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: Path,
-                   train_file: Path, lora: dict, train_summary: dict, base_model: str,
-                   base_model_path: Path, resolved_config: dict, rounds: int,
-                   n_exemplars: int, seed: int = 0) -> ExpertEntry:
+@dataclass(frozen=True)
+class PublishRequest:
+    """One trained expert, and where everything it is published from lies."""
+
+    domain: Domain
+    experts_dir: Path  # the registry to publish into
+    workdir: Path  # the domain's work dir: DATA_FILES, summary.json, the data card
+    train_dir: Path  # the final training stage: adapter/, loss.json, loss.png
+    train_file: Path  # the examples the adapter was trained on
+    lora: dict  # the adapter check's verdict: LoraInfo's fields
+    train_summary: dict  # the training stage's result: examples, epochs, losses, gain
+    base_model: str  # as the user named it
+    base_model_path: Path  # the folder it resolved to
+    resolved_config: dict  # the run's config, saved as config.json beside the adapter
+    rounds: int
+    n_exemplars: int  # kept generated instructions the router gets besides every seed
+    seed: int = 0  # picks those instructions
+
+
+def publish_expert(req: PublishRequest) -> ExpertEntry:
+    domain, experts_dir, workdir, train_dir = req.domain, req.experts_dir, req.workdir, \
+        req.train_dir
     name = domain.name
     versions = experts_dir / ".versions" / name
     versions.mkdir(parents=True, exist_ok=True)
@@ -79,16 +98,17 @@ def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: 
         for src, dst in DATA_FILES.items():
             if (workdir / src).exists():
                 shutil.copy2(workdir / src, staging / "data" / dst)
-        shutil.copy2(train_file, staging / "data" / "train.jsonl")
+        shutil.copy2(req.train_file, staging / "data" / "train.jsonl")
         for f in ("loss.json", "loss.png"):
             shutil.copy2(train_dir / f, staging / f)
         for f in ("summary.json", "data_card.json", "data_card.md"):
             if (workdir / f).exists():
                 shutil.copy2(workdir / f, staging / f)
-        write_json(staging / "config.json", resolved_config)
+        write_json(staging / "config.json", req.resolved_config)
 
         kept = [r["instruction"] for r in read_jsonl(workdir / "filter" / "kept.jsonl")]
-        sample = random.Random(f"{seed}:{name}").sample(kept, min(n_exemplars, len(kept)))
+        sample = random.Random(f"{req.seed}:{name}").sample(kept,
+                                                            min(req.n_exemplars, len(kept)))
         fsync_tree(staging)  # on disk before the registry names it (a power cut, not empty files)
         # The version number is claimed by the rename (a folder cannot be renamed onto a full
         # one), the registry change by commit_registry: both hold where the lock does not.
@@ -97,19 +117,19 @@ def publish_expert(domain: Domain, experts_dir: Path, workdir: Path, train_dir: 
             registry = newest_registry(experts_dir)
             version = max([*version_dirs(experts_dir, name),
                            registry.experts[name].version if name in registry.experts else 0]) + 1
+            summary = req.train_summary
             entry = ExpertEntry(
                 name=name, version=version, description=domain.description,
-                base_model=base_model, base_model_path=str(base_model_path),
+                base_model=req.base_model, base_model_path=str(req.base_model_path),
                 path=f".versions/{name}/v{version}",
-                lora=LoraInfo(**lora),
-                train=TrainInfo(examples=train_summary["examples"],
-                                epochs=train_summary["epochs"],
-                                loss_first=train_summary["loss_first"],
-                                loss_last=train_summary["loss_last"], rounds=rounds),
+                lora=LoraInfo(**req.lora),
+                train=TrainInfo(examples=summary["examples"], epochs=summary["epochs"],
+                                loss_first=summary["loss_first"],
+                                loss_last=summary["loss_last"], rounds=req.rounds),
                 exemplars=[s.instruction for s in domain.seeds] + sample,
                 created=utcnow(),
                 # expert vs base on the validation split, measured after training (gain.py)
-                gain=GainInfo(**train_summary["gain"]) if train_summary.get("gain") else None)
+                gain=GainInfo(**summary["gain"]) if summary.get("gain") else None)
             write_json(staging / "expert.json", entry.model_dump(mode="json"))
             try:
                 os.rename(staging, versions / f"v{version}")  # the folder appears complete

@@ -460,11 +460,13 @@ work, train_dir, train_file = fake_work(root)
 time.sleep(max(0.0, start - time.time()))  # both processes start publishing together
 for _ in range(rounds):
     for name in ("shared", tag):
-        entry = publish.publish_expert(
-            load_domain(name, root / "seeds"), experts, work, train_dir, train_file,
-            {"rank": 8, "alpha": 16, "target_modules": ["q_proj"]},
-            {"examples": 1, "epochs": 1, "loss_first": 2.0, "loss_last": 1.0}, "tiny",
-            root / "base", {}, 1, n_exemplars=3)
+        entry = publish.publish_expert(publish.PublishRequest(
+            domain=load_domain(name, root / "seeds"), experts_dir=experts, workdir=work,
+            train_dir=train_dir, train_file=train_file,
+            lora={"rank": 8, "alpha": 16, "target_modules": ["q_proj"]},
+            train_summary={"examples": 1, "epochs": 1, "loss_first": 2.0, "loss_last": 1.0},
+            base_model="tiny", base_model_path=root / "base", resolved_config={}, rounds=1,
+            n_exemplars=3))
         print(name, entry.version, flush=True)
 """
 

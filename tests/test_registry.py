@@ -7,7 +7,7 @@ import pytest
 
 import specialize.publish as publish_mod
 from core.errors import RegistryError
-from specialize.publish import ensure_writable, publish_expert
+from specialize.publish import PublishRequest, ensure_writable, publish_expert
 from core.registry import REGISTRY_FILE, load_registry, read_version, version_dirs
 from core.seeds import load_domain
 from tests.conftest import write_domain
@@ -31,10 +31,12 @@ def publish(tmp_path, experts):
     work, train_dir, train_file = fake_work(tmp_path)
     write_domain(tmp_path / "seeds")
     domain = load_domain("demo", tmp_path / "seeds")
-    return publish_expert(domain, experts, work, train_dir, train_file,
-                          {"rank": 8, "alpha": 16, "target_modules": ["q_proj"]},
-                          {"examples": 1, "epochs": 1, "loss_first": 2.0, "loss_last": 1.0},
-                          "tiny", tmp_path / "base", {"k": "v"}, 1, n_exemplars=3)
+    return publish_expert(PublishRequest(
+        domain=domain, experts_dir=experts, workdir=work, train_dir=train_dir,
+        train_file=train_file, lora={"rank": 8, "alpha": 16, "target_modules": ["q_proj"]},
+        train_summary={"examples": 1, "epochs": 1, "loss_first": 2.0, "loss_last": 1.0},
+        base_model="tiny", base_model_path=tmp_path / "base", resolved_config={"k": "v"},
+        rounds=1, n_exemplars=3))
 
 
 def test_publish_twice_makes_two_versions(tmp_path):

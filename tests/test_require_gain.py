@@ -147,7 +147,7 @@ def test_the_gain_round_trips(tmp_path):
 
 
 def test_publish_stores_the_measured_gain(tmp_path):
-    from specialize.publish import publish_expert
+    from specialize.publish import PublishRequest, publish_expert
     from core.seeds import load_domain
     from tests.conftest import write_domain
     from tests.test_registry import fake_work
@@ -155,10 +155,12 @@ def test_publish_stores_the_measured_gain(tmp_path):
     work, train_dir, train_file = fake_work(tmp_path)
     write_domain(tmp_path / "seeds")
     summary = {"examples": 1, "epochs": 1, "loss_first": 2.0, "loss_last": 1.0, "gain": HURTS}
-    entry = publish_expert(load_domain("demo", tmp_path / "seeds"), tmp_path / "experts", work,
-                           train_dir, train_file, {"rank": 8, "alpha": 16,
-                                                   "target_modules": ["q_proj"]},
-                           summary, "tiny", tmp_path / "base", {}, 1, n_exemplars=1)
+    entry = publish_expert(PublishRequest(
+        domain=load_domain("demo", tmp_path / "seeds"), experts_dir=tmp_path / "experts",
+        workdir=work, train_dir=train_dir, train_file=train_file,
+        lora={"rank": 8, "alpha": 16, "target_modules": ["q_proj"]}, train_summary=summary,
+        base_model="tiny", base_model_path=tmp_path / "base", resolved_config={}, rounds=1,
+        n_exemplars=1))
     assert entry.gain == GainInfo(**HURTS)
     saved = json.loads((tmp_path / "experts" / entry.path / "expert.json").read_text())
     assert saved["gain"] == HURTS

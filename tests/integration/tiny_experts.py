@@ -41,7 +41,7 @@ TINY_GAINS = {"finance": {"metric": "validation_score", "expert": 0.5, "base": 0
 def publish_tiny_expert(experts_dir: Path, base: Path, domain_name: str, seed: int,
                         work: Path, description: str | None = None, rank: int = 8,
                         gain: dict | None = None):
-    from specialize.publish import publish_expert
+    from specialize.publish import PublishRequest, publish_expert
     from core.seeds import load_domain
 
     domain = load_domain(domain_name)
@@ -57,13 +57,14 @@ def publish_tiny_expert(experts_dir: Path, base: Path, domain_name: str, seed: i
     build_random_adapter(base, train_dir / "adapter", seed, rank)
     (train_dir / "loss.json").write_text("[]")
     (train_dir / "loss.png").write_bytes(b"")
-    return publish_expert(
-        domain, experts_dir, workdir, train_dir, train_file,
+    return publish_expert(PublishRequest(
+        domain=domain, experts_dir=experts_dir, workdir=workdir, train_dir=train_dir,
+        train_file=train_file,
         lora={"rank": rank, "alpha": 2 * rank, "target_modules": TARGETS},
         train_summary={"examples": len(kept), "epochs": 0.0, "loss_first": None,
                        "loss_last": None, "gain": gain},
         base_model=str(base), base_model_path=base, resolved_config={"tiny": True},
-        rounds=1, n_exemplars=4, seed=seed)
+        rounds=1, n_exemplars=4, seed=seed))
 
 
 def build_tiny_experts(experts_dir: Path, base: Path, work: Path,
