@@ -133,7 +133,7 @@ class Router:
             if not isinstance(t, str):
                 raise RouterError(f"query #{i} is a {type(t).__name__}, not text")
             if not t.strip():
-                out[i] = RouteChoice(None, 0.0, {}, None, "empty query: base model")
+                out[i] = RouteChoice(expert=None, score=0.0, reason="empty query: base model")
                 continue
             try:
                 t.encode("utf-8")

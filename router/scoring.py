@@ -101,12 +101,14 @@ def decide(scores: np.ndarray, names: list[str], thresholds: np.ndarray,
         else:
             why = f"its threshold {bar:.3f}"
         if score >= bar:
-            out.append(RouteChoice(name, score, by_expert, bar,
-                                   f"{name} scored {score:.3f} >= {why}", off))
+            out.append(RouteChoice(expert=name, score=score, scores_by_expert=by_expert,
+                                   threshold=bar, reason=f"{name} scored {score:.3f} >= {why}",
+                                   offtopic_score=off))
         else:
-            out.append(RouteChoice(None, score, by_expert, bar,
-                                   f"best expert {name} scored {score:.3f} < {why}: base model",
-                                   off))
+            out.append(RouteChoice(expert=None, score=score, scores_by_expert=by_expert,
+                                   threshold=bar, offtopic_score=off,
+                                   reason=f"best expert {name} scored {score:.3f} < {why}: "
+                                   "base model"))
     return out
 
 

@@ -14,7 +14,7 @@ class RouterError(SelfspecError):
     """The router cannot route: no experts, an index built with another encoder, bad input."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # six fields, four optional: named at every call
 class RouteChoice:
     """Where one query goes. `expert=None` means the base model: a value, never an exception.
 

@@ -98,7 +98,8 @@ class RouterServer:
     @staticmethod
     def _route_batch(router, texts: list[str]) -> list[RouteChoice]:
         if router is None:
-            return [RouteChoice(None, 0.0, {}, None, "no experts in the registry: base model")
+            return [RouteChoice(expert=None, score=0.0,
+                                reason="no experts in the registry: base model")
                     for _ in texts]
         t0 = time.perf_counter()
         try:
@@ -110,6 +111,7 @@ class RouterServer:
                 try:
                     out.append(router.route(t))
                 except RouterError as e:
-                    out.append(RouteChoice(None, 0.0, {}, None, f"unroutable query: {e}"))
+                    out.append(RouteChoice(expert=None, score=0.0,
+                                           reason=f"unroutable query: {e}"))
         log.debug("routed %d queries in %.1f ms", len(texts), 1e3 * (time.perf_counter() - t0))
         return out

@@ -173,7 +173,7 @@ def test_eval_auto_applies_the_servers_rule(tmp_path):
 
     class Router:
         def route_batch(self, texts):
-            return [RouteChoice(t or None, 0.5) for t in texts]
+            return [RouteChoice(expert=t or None, score=0.5) for t in texts]
 
     backend = DirectBackend.__new__(DirectBackend)  # the engine is not needed to route
     backend.router = Router()

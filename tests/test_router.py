@@ -194,7 +194,8 @@ def test_empty_query_is_base_with_zero_score_and_no_encoding():
     r = Router.from_exemplars(two_experts(), enc, thresholds={"law": 0.5, "math": 0.5})
     enc.calls.clear()
     for text in ("", "   \n\t"):
-        assert r.route(text) == RouteChoice(None, 0.0, {}, None, "empty query: base model")
+        assert r.route(text) == RouteChoice(expert=None, score=0.0,
+                                            reason="empty query: base model")
     assert enc.calls == []
 
 

@@ -85,8 +85,10 @@ class FakeRouter:
         for expert, words in (("finance", ("bond", "interest")), ("law", ("contract", "tort")),
                               ("broken", ("broken",)), ("math", ("integral",))):
             if any(w in t for w in words):
-                return RouteChoice(expert, 0.61, {expert: 0.61}, 0.4, "above threshold")
-        return RouteChoice(None, 0.12, {"finance": 0.12}, 0.4, "below every threshold")
+                return RouteChoice(expert=expert, score=0.61, scores_by_expert={expert: 0.61},
+                                   threshold=0.4, reason="above threshold")
+        return RouteChoice(expert=None, score=0.12, scores_by_expert={"finance": 0.12},
+                           threshold=0.4, reason="below every threshold")
 
     async def reload(self):
         self.reloads += 1
@@ -396,7 +398,7 @@ def test_routing_calls_gathered_while_one_batch_is_out(monkeypatch):
 
             async def answer():
                 await self.release.wait()
-                return [RouteChoice(None, 0.0, {}, None, t) for t in texts]
+                return [RouteChoice(expert=None, score=0.0, reason=t) for t in texts]
             return answer()
 
     async def main():

@@ -158,7 +158,7 @@ class FlakyRouter:
     def route_batch(self, texts):
         if any("\ud800" in t for t in texts):
             raise RouterError("not valid Unicode")
-        return [RouteChoice("law", 0.5) for _ in texts]
+        return [RouteChoice(expert="law", score=0.5) for _ in texts]
 
     def route(self, text):
         return self.route_batch([text])[0]
