@@ -191,7 +191,8 @@ def probe_endpoint(endpoint: str, api_key: str | None, timeout: float = 10.0) ->
                for c in cards if c.get("id") not in (BASE, "auto")}
     revision, precision = None, None
     try:
-        health = httpx.get(f"{endpoint.rstrip('/').removesuffix('/v1')}/health", timeout=timeout)
+        health = httpx.get(f"{endpoint.rstrip('/').removesuffix('/v1')}/health",
+                           headers=headers, timeout=timeout)  # its details need the key
         revision = health.json().get("registry_revision")
         precision = health.json().get("precision")  # the server's CPU and engine dtype
     except (httpx.HTTPError, ValueError):

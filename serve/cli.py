@@ -90,6 +90,11 @@ def cli_api_key(args) -> str | None:
 
     if getattr(args, "api_key_file", None) is not None:
         return read_api_key_file(args.api_key_file)
+    if args.api_key:
+        from core.console import console
+
+        console.say("warning: --api-key shows in `ps` to every user of this machine; pass "
+                    "--api-key-file FILE or set SELFSPEC_API_KEY instead")
     return args.api_key
 
 
@@ -124,7 +129,8 @@ def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
     try:
         if server.url is None:
             return 1
-        print(ready_message(server.url, registry, cfg.api_key, _health(server.url)), flush=True)
+        key = cfg.resolved_api_key()
+        print(ready_message(server.url, registry, key, _health(server.url, key)), flush=True)
         console.quiet_stdout()
         while True:
             time.sleep(3600)
@@ -195,12 +201,14 @@ def start_serving(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
     return server
 
 
-def _health(url: str) -> dict:
+def _health(url: str, api_key: str | None = None) -> dict:
     import json
     import urllib.request
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/health", headers=headers),
+                                    timeout=30) as r:
             return json.loads(r.read())
     except (OSError, ValueError) as e:
         return {"status": f"unknown ({e})", "skipped": {}}
@@ -211,15 +219,20 @@ def ready_message(url: str, registry, api_key: str | None, health: dict,
     experts = sorted(registry.experts)
     question = registry.experts[experts[0]].exemplars[0] if experts else "What is a bond?"
     question = question.replace("'", "").replace('"', "")[:120]
-    key = api_key or "none"
+    # The key itself is never printed (terminal scrollback, CI logs): the examples read it
+    # from the environment.
+    key = "$SELFSPEC_API_KEY" if api_key else "none"
     lines = [f"selfspec is serving at {url}/v1  (status: {health.get('status')})",
              f"  models: auto, base, {', '.join(experts) or '(no experts yet)'}"]
+    if api_key:
+        lines.append("  API key required (not shown): the examples below read it from "
+                     "$SELFSPEC_API_KEY")
     for name, why in (health.get("skipped") or {}).items():
         lines.append(f"  left out: {name}: {why.splitlines()[0]}")
     if building:
         lines.append(f"  being made: {', '.join(building)} (each joins the models when it is "
                      "published; auto answers with the base model until then)")
-    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    auth = ' -H "Authorization: Bearer $SELFSPEC_API_KEY"' if api_key else ""
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": question}],
                        "max_tokens": 64})
     python = (f"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); "

@@ -70,12 +70,15 @@ class Service:
         self.selector = Selector(engine, router, cfg.router.require_gain, cfg.router.gain_max_p)
         self.metrics = ServeMetrics()
 
-    def authorize(self, raw: Request) -> None:
+    def authorized(self, raw: Request) -> bool:
         if not self.api_key:
-            return
+            return True
         scheme, _, token = raw.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.api_key.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode())
+
+    def authorize(self, raw: Request) -> None:
+        if not self.authorized(raw):
             raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer "
                                       "<key>' with the key the server was started with "
                                       "(--api-key or $SELFSPEC_API_KEY)")
@@ -192,17 +195,24 @@ class Service:
         out["building"] = self.building()
         return out
 
-    async def health(self) -> JSONResponse:
+    async def health(self, raw: Request) -> JSONResponse:
+        # Probes (load balancers, Kubernetes) get the status without the key; the details
+        # (server paths, skip reasons, exception text) only with it, as /v1 does.
+        detail = self.authorized(raw)
         try:
             cat = await self.selector.get_catalog(fresh=True)
             router = await self.router.info()
         except Exception as e:  # noqa: BLE001 - a health check reports, never raises
-            return JSONResponse({"status": "unavailable", "error": map_exception(e)[1]["error"]},
-                                status_code=503)
+            error = {"error": map_exception(e)[1]["error"]} if detail else {}
+            return JSONResponse({"status": "unavailable", **error}, status_code=503)
         # degraded: an expert is left out, or registry.json is gone or broken and the last good
         # registry is being served (serve/watch.py)
         problem = cat.get("registry_problem") or router.get("registry_problem")
-        return JSONResponse({"status": "degraded" if cat["skipped"] or problem else "ok",
+        status = "degraded" if cat["skipped"] or problem else "ok"
+        if not detail:
+            return JSONResponse({"status": status, "auth": True,
+                                 "detail": "send the API key for the details"})
+        return JSONResponse({"status": status,
                              "registry_problem": problem,
                              "experts": list(cat["experts"]), "skipped": cat["skipped"],
                              "registry_revision": cat["revision"], "lora": cat["lora"],
@@ -253,8 +263,8 @@ def build_http_app(service: Service) -> FastAPI:
         return await service.models(raw)
 
     @app.get("/health")
-    async def health():
-        return await service.health()
+    async def health(raw: Request):
+        return await service.health(raw)
 
     @app.get("/metrics")
     async def metrics():

@@ -123,7 +123,8 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
     child, rc = None, 0
     try:
         if server is not None:
-            print(ready_message(server.url, registry, cfg.api_key, _health(server.url),
+            key = cfg.resolved_api_key()
+            print(ready_message(server.url, registry, key, _health(server.url, key),
                                 building=missing), flush=True)
             console.quiet_stdout()
         if not missing:

@@ -406,7 +406,7 @@ def test_request_timeout_is_a_408_and_streams_end_with_an_error():
 
 def test_publish_fsyncs_every_staged_file_before_the_registry_names_it(tmp_path, monkeypatch):
     import core.jsonl as jsonl_mod
-    import specialize.publish as publish_mod
+    import core.registry as registry_mod
     from tests.test_registry import publish as publish_demo
 
     synced: set[int] = set()  # inodes: a staged file keeps its inode when renamed into place
@@ -626,3 +626,57 @@ def test_api_key_from_a_file(tmp_path):
         cli_api_key(Namespace(api_key=None, api_key_file=key))
     with pytest.raises(ConfigError, match="cannot read the API key file"):
         cli_api_key(Namespace(api_key=None, api_key_file=tmp_path / "missing"))
+
+
+def test_health_details_need_the_key(monkeypatch):
+    client, engine, _, _ = make_service(api_key="sk-health")
+    engine.cat["base"]["path"] = "/srv/models/tiny"
+    engine.cat["skipped"] = {"broken": "cannot read /srv/experts/.versions/broken/v1"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = client.get("/health", headers=headers)  # a probe, or anyone who reaches the port
+        assert r.status_code == 200 and r.json()["status"] == "degraded"
+        assert "/srv" not in r.text and "broken" not in r.text and "skipped" not in r.json()
+    full = client.get("/health", headers={"Authorization": "Bearer sk-health"}).json()
+    assert full["skipped"] == engine.cat["skipped"] and full["experts"] == ["finance", "law"]
+
+    async def down():
+        from core.errors import RegistryError
+        raise RegistryError("engine died reading /srv/experts/registry.json")
+
+    monkeypatch.setattr(engine, "catalog", down)
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "unavailable"}
+    r = client.get("/health", headers={"Authorization": "Bearer sk-health"})
+    assert r.status_code == 503 and "engine died" in r.json()["error"]["message"]
+    # a server without a key serves anyone /v1 anyway: its /health keeps the details
+    open_client, _, _, _ = make_service()
+    assert "skipped" in open_client.get("/health").json()
+
+
+def test_ready_message_never_prints_the_key(monkeypatch):
+    from serve.cli import ready_message
+
+    reg = load_registry(Path(tempfile.mkdtemp()))  # empty: the base model only
+    msg = ready_message("http://10.0.0.5:8000", reg, "sk-secret-123", {"status": "ok"})
+    assert "sk-secret-123" not in msg and "$SELFSPEC_API_KEY" in msg
+    assert "$SELFSPEC_API_KEY" not in ready_message("http://h:1", reg, None, {"status": "ok"})
+    # the pasted example works once the key is in the environment: the shell fills it in
+    curl = next(ln for ln in msg.splitlines() if "Authorization" in ln)
+    header = curl.split("-H ", 2)[2].rstrip(" \\")
+    out = subprocess.run(["bash", "-c", f"echo {header}"],
+                         env={"SELFSPEC_API_KEY": "sk-secret-123", "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "Authorization: Bearer sk-secret-123"
+
+
+def test_api_key_on_the_command_line_warns(capsys):
+    from argparse import Namespace
+
+    from serve.cli import cli_api_key
+
+    assert cli_api_key(Namespace(api_key="sk-cli", api_key_file=None)) == "sk-cli"
+    err = capsys.readouterr().err
+    assert "shows in `ps`" in err and "--api-key-file" in err and "SELFSPEC_API_KEY" in err
+    assert "sk-cli" not in err
+    assert cli_api_key(Namespace(api_key=None, api_key_file=None)) is None
+    assert capsys.readouterr().err == ""

@@ -236,7 +236,7 @@ def test_up_serves_first_then_specializes_only_what_is_missing(tmp_path, monkeyp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "start_serving", fake_start)
-    monkeypatch.setattr(cli, "_health", lambda url: {"status": "ok"})
+    monkeypatch.setattr(cli, "_health", lambda url, key=None: {"status": "ok"})
     monkeypatch.setattr(up, "start_specialize", lambda cmd, log: calls.append(("child", cmd)))
     monkeypatch.setattr(up, "watch_child", lambda child, cfg, url, domains: calls.append(
         ("watch", url, domains)) or 0)
@@ -261,7 +261,9 @@ def test_ready_message_is_pasteable():
     reg = registry(entry("finance"), entry("law"))
     msg = ready_message("http://127.0.0.1:8000", reg, "k9", {"status": "degraded",
                         "skipped": {"math": "rank 7 is not one of vLLM's ranks\nmore"}})
-    assert "http://127.0.0.1:8000/v1" in msg and "Authorization: Bearer k9" in msg
+    assert "http://127.0.0.1:8000/v1" in msg and "k9" not in msg  # never the key itself
+    assert 'Authorization: Bearer $SELFSPEC_API_KEY"' in msg
+    assert "api_key='$SELFSPEC_API_KEY'" in msg  # inside python -c "...": the shell expands it
     assert "left out: math: rank 7" in msg and "model='auto'" in msg
     curl = next(ln for ln in msg.splitlines() if ln.strip().startswith("-d "))
     json.loads(curl.strip()[4:-1])  # the -d body is valid JSON

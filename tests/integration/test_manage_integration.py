@@ -36,7 +36,8 @@ def served(url: str) -> dict:
 
 
 def routable(url: str) -> list[str]:
-    return httpx.get(f"{url}/health", timeout=30).json()["router"]["experts"]
+    return httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {SERVE_API_KEY}"},
+                     timeout=30).json()["router"]["experts"]
 
 
 def wait_for(url: str, check, since: float, read=served) -> float:

@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import REPO
 from tests.integration.conftest import SERVE_API_KEY
 
+AUTH = {"Authorization": f"Bearer {SERVE_API_KEY}"}  # /health's details need the key
+
 pytestmark = pytest.mark.integration
 
 
@@ -143,7 +145,7 @@ def test_models_and_health_report_the_corrupt_adapter(serve_app, client):
     from tests.integration.tiny_experts import TINY_GAINS
     assert models["finance"]["gain"] == TINY_GAINS["finance"] and models["law"]["gain"] is None
     assert models["auto"]["require_gain"] == "on"
-    h = httpx.get(f"{url}/health").json()
+    h = httpx.get(f"{url}/health", headers=AUTH).json()
     assert h["status"] == "degraded" and set(h["experts"]) >= {"finance", "law"}
     assert "could not load" in h["skipped"]["biomedicine"]
 
@@ -152,7 +154,7 @@ def test_health_reports_the_cpu_and_the_dtype_vllm_computes_in(serve_app):
     from core.precision import cpu_isa, resolve_dtype
 
     url, _ = serve_app
-    p = httpx.get(f"{url}/health").json()["precision"]
+    p = httpx.get(f"{url}/health", headers=AUTH).json()["precision"]
     # The app runs with engine.dtype auto: bf16 only where this CPU has native bf16.
     want = "bfloat16" if cpu_isa().native_bf16 else "float32"
     assert p["dtype_requested"] == "auto" and p["dtype"] == want == resolve_dtype("auto")
@@ -234,7 +236,7 @@ def test_64_concurrent_mixed_requests_answered_by_the_chosen_expert(serve_app, l
     got = asyncio.run(run())
     assert [h for h, _ in got] == want
     assert [m for _, m in got] == want
-    h = httpx.get(f"{url}/health").json()
+    h = httpx.get(f"{url}/health", headers=AUTH).json()
     assert h["router"]["max_batch"] > 1  # Serve's batching gathered concurrent routing calls
 
 
@@ -252,7 +254,7 @@ def test_serve_processes_are_kept_off_the_vllm_worker_cores(serve_app):
     import os
 
     url, _ = serve_app
-    health = httpx.get(f"{url}/health").json()
+    health = httpx.get(f"{url}/health", headers=AUTH).json()
     pinning = health["cpu_pinning"]
     if len(os.sched_getaffinity(0)) < 2:  # vLLM binds its worker to every core: nothing to do
         assert pinning is None
@@ -322,14 +324,14 @@ def test_deleted_registry_keeps_the_experts_answering_and_health_degraded(serve_
     registry, /health says degraded and why, and the experts keep answering."""
     url, experts = serve_app
     registry, aside = experts / "registry.json", experts.parent / "registry.json.aside"
-    before = httpx.get(f"{url}/health").json()
+    before = httpx.get(f"{url}/health", headers=AUTH).json()
     assert before["registry_problem"] is None
     registry.rename(aside)
     try:
         deadline, h = time.time() + 30, before  # the watch polls every second
         while time.time() < deadline and not h.get("registry_problem"):
             time.sleep(1)
-            h = httpx.get(f"{url}/health").json()
+            h = httpx.get(f"{url}/health", headers=AUTH).json()
         assert h["status"] == "degraded" and "registry.json is missing" in h["registry_problem"]
         assert h["experts"] == before["experts"]
         assert str(experts) not in h["registry_problem"]
@@ -343,9 +345,10 @@ def test_deleted_registry_keeps_the_experts_answering_and_health_degraded(serve_
     finally:
         aside.rename(registry)
     deadline = time.time() + 30
-    while time.time() < deadline and httpx.get(f"{url}/health").json()["registry_problem"]:
+    while time.time() < deadline and httpx.get(
+            f"{url}/health", headers=AUTH).json()["registry_problem"]:
         time.sleep(1)
-    after = httpx.get(f"{url}/health").json()
+    after = httpx.get(f"{url}/health", headers=AUTH).json()
     assert after["registry_problem"] is None and after["experts"] == before["experts"]
 
 
@@ -356,7 +359,7 @@ def test_hot_add_without_restart(serve_app, client, tiny_model, tmp_path):
     publish_tiny_expert(experts, tiny_model, "math", seed=11, work=tmp_path)
     deadline = time.time() + 60  # the registry watch polls every second
     while time.time() < deadline:
-        if "math" in httpx.get(f"{url}/health").json()["experts"]:
+        if "math" in httpx.get(f"{url}/health", headers=AUTH).json()["experts"]:
             break
         time.sleep(1)
     r = httpx.post(f"{url}/admin/reload", timeout=120,  # may rebuild the router's index
