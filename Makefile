@@ -46,7 +46,7 @@ results: setup
 	$(BIN)/python -m bench.results
 
 lint: setup
-	$(BIN)/ruff check core specialize router serve evaluation bench tests plugins
+	$(BIN)/ruff check selfspec core specialize router serve evaluation bench tests plugins
 
 clean:
 	rm -rf $(VENV) build *.egg-info

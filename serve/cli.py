@@ -1,4 +1,4 @@
-"""`selfspec serve` and `selfspec up`.
+"""`selfspec serve`.
 Parsing imports only the standard library; Ray, vLLM and the pipeline load inside the run
 functions."""
 
@@ -17,21 +17,11 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="serve every expert behind one OpenAI-compatible endpoint",
                        description="Ray Serve + one vLLM engine with every expert as a LoRA "
                        "adapter + the router. model='auto' routes each request.")
-    _serve_flags(p)
+    add_serve_flags(p)
     p.set_defaults(func=run_serve)
 
-    u = sub.add_parser("up", help="serve at once, and specialize the shipped domains missing "
-                       "from the registry in the background (CPU-sized defaults); each expert "
-                       "joins the server when it is published")
-    _serve_flags(u)
-    u.add_argument("--domains", nargs="+", metavar="DOMAIN",
-                   help="domains to have (default: every shipped domain under seeds/)")
-    u.add_argument("--base-model", default="smollm2-135m-instruct")
-    u.add_argument("--no-serve", action="store_true", help="specialize only, do not serve")
-    u.set_defaults(func=run_up)
 
-
-def _serve_flags(p) -> None:
+def add_serve_flags(p) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help=f"a Ray Serve config (default: {DEFAULT_CONFIG} when present)")
     p.add_argument("--experts-dir", type=Path, default=None, help="the registry (default: "
@@ -245,16 +235,3 @@ def ready_message(url: str, registry, api_key: str | None, health: dict,
               "", "Ctrl-C stops the server" + (" and the specialization (running `selfspec "
                                                "up` again continues it)." if building else ".")]
     return "\n".join(lines)
-
-
-def run_up(args) -> int:
-    from serve.app import refuse_open_exposure, resolve_config
-    from serve.up import run_up as up
-
-    settings = deploy_settings(args.config)
-    cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
-                         api_key=cli_api_key(args))
-    host = args.host or settings["host"] or "127.0.0.1"
-    refuse_open_exposure(host, cfg, getattr(args, "insecure_no_auth", False))
-    port = args.port or settings["port"] or 8000
-    return up(args, cfg, host, port, settings["name"], settings["route_prefix"])

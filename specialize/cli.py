@@ -1,6 +1,7 @@
-"""The `selfspec` command. Subcommands live beside the code they run; this file only parses
-arguments, turns `SelfspecError`s into one readable line with a non-zero exit, and quiets the
-engines' logs so the progress bars stay readable."""
+"""`selfspec specialize`, `selfspec ablate` and `selfspec experts`: their arguments, checked
+before any heavy work, and the calls into the pipeline. The top command (selfspec/cli.py) hands in
+what comes from other halves: `registry_changed` (rebuild the router index) and `expert_gain`
+(the evaluation run behind `ablate --train-eval`)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def _specialize_parser(sub) -> None:
     tf("--save-steps", "train.save_steps", type=int, metavar="N", shown="no checkpoints",
        help="checkpoint training every N optimizer steps, so that --resume continues from the "
        "newest checkpoint instead of restarting the stage")
+    tf("--train-workers", "train.workers", type=int, metavar="N",
+       help="train data-parallel on N Ray Train workers (a GPU each on a GPU cluster, gloo on "
+       "CPUs), on the cluster --ray-address names")
     f("--seed", "engine.seed", "train.seed", type=int)
     f("--dtype", "engine.dtype", choices=DTYPES,
       help="engine precision: auto = bf16 where the CPU has AMX/AVX512-BF16 (or on a GPU), "
@@ -125,6 +129,8 @@ def _run_specialize(args) -> int:
     ray_flags = [f for f, v in (("--shards", args.shards), ("--task-cpus", args.task_cpus),
                                 ("--task-gpus", args.task_gpus),
                                 ("--task-memory-gib", args.task_memory_gib)) if v is not None]
+    if cfg.train.workers > 1:
+        ray_flags.append(f"--train-workers {cfg.train.workers}")
     if ray_flags and not args.ray_address:
         raise ConfigError(f"{', '.join(ray_flags)} only apply to a run on Ray: add "
                           "--ray-address auto|local|ADDR")
@@ -153,6 +159,8 @@ def _run_specialize(args) -> int:
         console.end_status()
         console.say(interrupt_line())
         return 130
+    if results and not args.stop_after:
+        args.registry_changed(cfg.experts_dir)
     if args.stop_after:
         for r in results:
             print(f"{r['domain']}: stopped after {r['stopped_after']}; data card: "
@@ -276,10 +284,7 @@ def _run_ablate(args) -> int:
         out=args.out, train_eval=args.train_eval, seed=args.seed,
         settings=[s.strip() for s in args.settings.split(",") if s.strip()]
         if args.settings is not None else None)
-    gain = None
-    if acfg.train_eval:
-        from evaluation.gain import expert_gain as gain
-    report = run_ablation(acfg, eval_gain=gain)
+    report = run_ablation(acfg, eval_gain=args.expert_gain if acfg.train_eval else None)
     print(format_report(report))
     print(f"\nreport: {acfg.out / 'report.json'}")
     return 0
@@ -358,14 +363,13 @@ def _experts_parser(sub) -> None:
 
 def _run_experts_add(args) -> int:
     from specialize.manage import add_expert, build_add_config
-    from specialize.pipeline import rebuild_router_index
 
     cfg = build_add_config(
         name=args.name, adapter=args.adapter, experts_dir=args.experts_dir, seeds=args.seeds,
         exemplars=args.exemplars, description=args.description, base_model=args.base_model,
         max_lora_rank=args.max_lora_rank, data_card=args.data_card)
     change = add_expert(cfg)
-    rebuild_router_index(args.experts_dir)
+    args.registry_changed(args.experts_dir)
     print(f"added {change.name} v{change.after.version} -> "
           f"{args.experts_dir / change.after.path} (registry revision {change.revision})")
     return 0
@@ -373,11 +377,10 @@ def _run_experts_add(args) -> int:
 
 def _run_experts_rollback(args) -> int:
     from specialize.manage import parse_version, rollback_expert
-    from specialize.pipeline import rebuild_router_index
 
     to = parse_version(args.to) if args.to else None
     change = rollback_expert(args.experts_dir, args.name, to)
-    rebuild_router_index(args.experts_dir)
+    args.registry_changed(args.experts_dir)
     was = f"v{change.before.version}" if change.before else "removed"
     print(f"{change.name}: {was} -> v{change.after.version} (registry revision "
           f"{change.revision})")
@@ -386,12 +389,11 @@ def _run_experts_rollback(args) -> int:
 
 def _run_experts_remove(args) -> int:
     from specialize.manage import remove_expert
-    from specialize.pipeline import rebuild_router_index
     from core.registry import load_registry
 
     change = remove_expert(args.experts_dir, args.name, force=args.force)
     if load_registry(args.experts_dir).experts:
-        rebuild_router_index(args.experts_dir)
+        args.registry_changed(args.experts_dir)
     print(f"removed {change.name} (was v{change.before.version}; registry revision "
           f"{change.revision}); its versions stay in "
           f"{args.experts_dir / '.versions' / change.name}")
@@ -431,71 +433,12 @@ def _run_experts(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfspec", description="Self-specialized domain "
-                                     "experts from one base model, served together.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
-    from bench.cli import add_parsers as _bench_parsers
-    from evaluation.cli import add_parsers as _eval_parsers
-    from router.cli import add_parsers as _router_parsers
-    from serve.cli import add_parsers as _serve_parsers
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parsers(sub, *, registry_changed, expert_gain=None) -> None:
+    """`registry_changed(experts_dir)`: called after a command published, added, rolled back or
+    removed an expert. `expert_gain`: how `ablate --train-eval` measures a trained expert."""
     _specialize_parser(sub)
     _ablate_parser(sub)
     _experts_parser(sub)
-    _router_parsers(sub)
-    _serve_parsers(sub)
-    _eval_parsers(sub)
-    _bench_parsers(sub)
-    return parser
-
-
-# Commands that start engines: their third-party output goes to a log file (core/console.py).
-QUIET_COMMANDS = ("specialize", "up", "serve")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The console script. Only a real process entry (argv=None) moves descriptor 2 into a log
-    file; in-process callers (tests, notebooks) keep their streams."""
-    route = argv is None
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # the command that continues after Ctrl-C is this one, plus --resume
-    log_path = None
-    if route and args.command in QUIET_COMMANDS:
-        log_path = route_output(args.command, args.verbose)
-        console.pending = f"log: {log_path}" + ("" if args.verbose else
-                                                "  (engine messages go there; -v shows them here)")
-        catch_interrupts()
-    else:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
-        if not args.verbose:
-            # vLLM logs every engine detail at INFO; the progress bars are the story here.
-            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        return args.func(args)
-    except SelfspecError as e:
-        console.end_status()
-        console.pending = None  # still unshown: nothing ran, the error line says it all
-        console.say(f"selfspec: error: {e}")
-        return e.exit_code
-    except BaseException as e:
-        # After Ctrl-C, whatever surfaces (KeyboardInterrupt, or vLLM's EngineDeadError because
-        # the engine core got the same SIGINT) ends in the one line, not a traceback.
-        if console.interrupted or isinstance(e, KeyboardInterrupt):
-            console.end_status()
-            console.say(interrupt_line())
-            return 130
-        if log_path is None or not isinstance(e, Exception):
-            raise
-        logging.getLogger("selfspec").exception("failed")  # the traceback, into the log
-        console.end_status()
-        first = str(e).splitlines()[0] if str(e) else ""
-        console.say(f"selfspec: error: {type(e).__name__}: {first} (traceback in {log_path})")
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    for name in ("specialize", "ablate", "experts"):
+        sub.choices[name].set_defaults(registry_changed=registry_changed,
+                                       expert_gain=expert_gain)

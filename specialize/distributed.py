@@ -37,7 +37,7 @@ from core.base_model import resolve_base_model
 from specialize.config import SpecializeConfig
 from core.engine import build_vllm_generator
 from core.errors import ConfigError, SelfspecError
-from specialize.pipeline import check_encoder, rebuild_router_index
+from specialize.pipeline import check_encoder
 from specialize.publish import ensure_writable
 from core.seeds import Domain, load_domain
 from specialize.shards import (
@@ -172,8 +172,6 @@ def specialize_distributed(domains: list[str], cfg: SpecializeConfig, dcfg: Dist
         probe.unlink(missing_ok=True)
         if own:
             ray.shutdown()
-    if outcome.results:
-        rebuild_router_index(cfg.experts_dir)  # no-op when the last task's rebuild is fresh
     order = {d.name: i for i, d in enumerate(loaded)}
     outcome.results.sort(key=lambda r: order[r["domain"]])
     return outcome

@@ -159,7 +159,6 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
         summary["path"] = str(experts_dir / entry.path)
         shutil.rmtree(run.workdir, ignore_errors=True)
         results.append(summary)
-    rebuild_router_index(experts_dir)
     return results
 
 
@@ -201,18 +200,6 @@ def already_published(experts_dir: Path, name: str, publish_id: str) -> ExpertEn
         return None
     return entry if isinstance(summary, dict) and summary.get("publish_id") == publish_id \
         else None
-
-
-def rebuild_router_index(experts_dir: Path) -> None:
-    """Publishing changes the experts, so the router index beside the registry is rebuilt now
-    (not on the first request). The experts are already published: a failure here only warns,
-    and the router rebuilds the stale index itself when it next loads."""
-    try:
-        from router.index import ensure_index
-
-        ensure_index(experts_dir)
-    except Exception as e:  # noqa: BLE001 - any encoder/FAISS problem must not undo a publish
-        log.warning("router index not rebuilt (%s); `selfspec route` will rebuild it", e)
 
 
 def prepare_run(domain: Domain, workdir: Path, cfg: SpecializeConfig, resume: bool,

@@ -16,7 +16,7 @@ from specialize.ablation import (
     resolve_setting,
     run_ablation,
 )
-from specialize.cli import main
+from selfspec.cli import main
 from specialize.config import FilterConfig
 from specialize.datacard import build_data_card
 from core.engine import Completion

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from specialize.cli import build_parser, main
+from selfspec.cli import build_parser, main
 from tests.conftest import REPO, write_domain
 
 
@@ -63,7 +63,7 @@ def test_experts_lists_empty_registry(tmp_path, capsys):
 
 
 def test_console_script_help_runs():
-    out = subprocess.run([sys.executable, "-m", "specialize.cli", "specialize", "--help"],
+    out = subprocess.run([sys.executable, "-m", "selfspec.cli", "specialize", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--num-instructions" in out and "--resume" in out
 

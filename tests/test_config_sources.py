@@ -11,7 +11,8 @@ import yaml
 from pydantic import BaseModel
 
 from specialize import pipeline
-from specialize.cli import CONFIG_FLAGS, build_parser, flag_settings, main
+from selfspec.cli import build_parser, main
+from specialize.cli import CONFIG_FLAGS, flag_settings
 from specialize.config import SpecializeConfig, resolve_config
 from tests.conftest import write_domain
 

@@ -243,7 +243,7 @@ SLOW_SPECIALIZE = textwrap.dedent("""
     pipeline.specialize = functools.partial(pipeline.specialize, make_generator=SlowEngine)
     sys.argv = ["selfspec", "specialize", "finance", "--experts-dir", TMP + "/experts",
                 "--base-model", TMP, "--retrieval", "bm25"]
-    from specialize.cli import main
+    from selfspec.cli import main
     sys.exit(main())
 """)
 
@@ -276,7 +276,7 @@ def test_ctrl_c_in_specialize_ends_in_one_line_without_a_traceback(tmp_path):
 
 
 def test_stop_child_ends_the_childs_whole_process_group(tmp_path):
-    from serve.up import stop_child
+    from selfspec.up import stop_child
 
     script = ("import subprocess, sys, time; "
               "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
@@ -323,7 +323,7 @@ def test_health_and_models_say_which_experts_are_being_made(tmp_path):
 def test_up_shows_the_childs_progress_and_each_expert_the_server_gains(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from serve import up
+    from selfspec import up
     from core.console import console
 
     write_build_status(tmp_path, BuildStatus(domains={
@@ -353,7 +353,7 @@ def test_up_shows_the_childs_progress_and_each_expert_the_server_gains(tmp_path,
 
 def test_bad_input_in_a_real_process_is_one_line_without_the_log_path():
     # The log path is shown before the first progress output only; an unknown domain fails first.
-    proc = subprocess.run([sys.executable, "-m", "specialize.cli", "specialize", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", "specialize", "nope"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()]

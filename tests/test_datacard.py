@@ -157,7 +157,7 @@ def test_stop_after_previews_and_resumes(tmp_path, seeds, base, no_encoder):
 
 
 def test_unknown_stage_is_one_line_exit_2(tmp_path, seeds, base, capsys):
-    from specialize.cli import main
+    from selfspec.cli import main
     from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--stop-after 'teach' is no stage; use one of "

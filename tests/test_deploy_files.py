@@ -230,7 +230,7 @@ def test_demo_reads_serve_details_like_rays_rest_api():
 
 def test_cli_wires_cluster_demo(tmp_path):
     from bench.cluster_demo import build_demo_config
-    from specialize.cli import build_parser
+    from selfspec.cli import build_parser
 
     a = build_parser().parse_args(["cluster-demo", "--experts-dir", str(tmp_path),
                                    "--requests", "9", "--port", "9100", "--ray-port", "27000"])

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from specialize import distributed
-from specialize.cli import main
+from selfspec.cli import main
 from specialize.config import build_config
 from specialize.distributed import (
     Outcome,

@@ -23,7 +23,7 @@ from core.eval_formats import (
 from evaluation.report import format_table, write_outputs
 from evaluation.run import evaluate, limit_items
 from core.stats import macro_f1, macro_f1_ci, mean_ci, paired_diff
-from specialize.cli import main
+from selfspec.cli import main
 from core.errors import ConfigError
 from core.seeds import EvalItem, load_domain
 

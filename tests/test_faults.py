@@ -267,7 +267,7 @@ def test_truncated_router_index_is_rebuilt(tmp_path, fake_st, damaged, old_meta)
 def test_serve_refuses_an_experts_dir_that_does_not_exist(tmp_path):
     missing = tmp_path / "nonexistent" / "dir"
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "specialize.cli", "serve", "--experts-dir",
+    out = subprocess.run([sys.executable, "-m", "selfspec.cli", "serve", "--experts-dir",
                           str(missing)], check=False, capture_output=True, text=True,
                          timeout=120,
                          cwd=Path(__file__).parents[1])
@@ -500,7 +500,7 @@ def test_experts_dir_without_flock_fails_at_start(tmp_path, monkeypatch, capsys)
 
     import core.registry as registry_mod
     from core.errors import RegistryError
-    from specialize.cli import main
+    from selfspec.cli import main
     from specialize.pipeline import specialize
     from specialize.publish import ensure_writable
     from tests.conftest import write_domain
@@ -604,7 +604,7 @@ def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path, monkeypatch)
     experts = tmp_path / "experts"
     experts.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "SELFSPEC_API_KEY"}
-    out = subprocess.run([sys.executable, "-m", "specialize.cli", "serve", "--experts-dir",
+    out = subprocess.run([sys.executable, "-m", "selfspec.cli", "serve", "--experts-dir",
                           str(experts), "--host", "0.0.0.0"], check=False, capture_output=True,
                          text=True, timeout=120, cwd=Path(__file__).parents[1], env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr

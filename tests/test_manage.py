@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import specialize.pipeline
-from specialize.cli import main
+from selfspec.cli import main
 from core.errors import AdapterError, ExpertNotFoundError, RegistryError
 from specialize.manage import (
     _model_name,

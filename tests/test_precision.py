@@ -79,7 +79,7 @@ def test_serve_dtype_flag_overrides_config_file():
 
 @pytest.mark.parametrize("cmd", [["specialize", "math"], ["eval"]])
 def test_cli_refuses_unknown_dtype(cmd):
-    r = subprocess.run([sys.executable, "-m", "specialize.cli", *cmd, "--dtype", "fp8"],
+    r = subprocess.run([sys.executable, "-m", "selfspec.cli", *cmd, "--dtype", "fp8"],
                        check=False, capture_output=True, text=True)
     assert r.returncode == 2
     assert "invalid choice: 'fp8'" in r.stderr

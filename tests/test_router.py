@@ -21,7 +21,7 @@ from router.route import Router
 from router.scoring import decide, expert_scores
 from router.types import RouteChoice, RouterError, ScoringConfig
 from router.vectors import choose_kind, index_kind
-from specialize.cli import main
+from selfspec.cli import main
 from core.registry import (
     ExpertEntry,
     LoraInfo,
@@ -455,7 +455,7 @@ def test_cli_eval_prints_numbers_and_writes_plots(cli_dir, tmp_path, capsys):
 
 
 def test_cli_parser_imports_nothing_heavy():
-    code = ("import sys, specialize.cli as c; c.build_parser().parse_args(['bench', 'router']); "
+    code = ("import sys, selfspec.cli as c; c.build_parser().parse_args(['bench', 'router']); "
             "print(sorted(m for m in ('torch', 'faiss', 'sentence_transformers', 'numpy') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ from bench.scale import HashEncoder, run_size
 from core.encoder import MemoEncoder
 from core.engine import EngineConfig, VllmGenerator
 from core.errors import ConfigError
-from specialize.cli import main
+from selfspec.cli import main
 from specialize.config import FilterConfig, build_config
 from specialize.distributed import TaskResources, build_distributed_config, resolve_resources
 from specialize.filter import InstructionFilter

@@ -184,7 +184,7 @@ def test_registry_watch_sees_an_atomic_replace(tmp_path):
 
 
 def test_cli_wires_serve_up_and_bench_serving():
-    from specialize.cli import build_parser
+    from selfspec.cli import build_parser
 
     p = build_parser()
     a = p.parse_args(["serve", "--experts-dir", "x", "--port", "9000", "--api-key", "k"])
@@ -241,7 +241,7 @@ def test_up_serves_first_then_specializes_only_what_is_missing(tmp_path, monkeyp
     monkeypatch.setattr(up, "watch_child", lambda child, cfg, url, domains: calls.append(
         ("watch", url, domains)) or 0)
     monkeypatch.setattr(up.time, "sleep", fake_sleep)
-    from specialize.cli import main
+    from selfspec.cli import main
     assert main(["up", "--experts-dir", str(tmp_path), "--domains", "law", "finance",
                  "--port", "9001", "--base-model", str(tmp_path)]) == 130
     serve, (what, cmd), watch, stop = calls

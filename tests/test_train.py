@@ -186,7 +186,7 @@ def test_quantize_4bit_on_this_cpu_fails_fast_through_the_cli(tmp_path):
         pytest.skip("a CUDA machine may train 4-bit")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "specialize.cli", "specialize", "finance",
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", "specialize", "finance",
                            "--quantize", "4bit", "--experts-dir", str(tmp_path / "experts")],
                           check=False, env=env, capture_output=True, text=True, cwd=tmp_path)
     took = time.monotonic() - start
@@ -203,7 +203,7 @@ def test_quantize_4bit_on_this_cpu_fails_fast_through_the_cli(tmp_path):
 ])
 def test_bad_training_flags_exit_2(flags, message, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "specialize.cli", "specialize", "finance", *flags,
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", "specialize", "finance", *flags,
                            "--experts-dir", str(tmp_path / "experts")],
                           check=False, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr

@@ -39,7 +39,7 @@ def test_cluster_demo_survives_losing_the_worker_node(cluster_experts, tiny_mode
     out = tmp_path / "cluster_demo.json"
     requests = 9  # 3 before the loss, 6 after recovery, plus whatever is sent in between
     done = subprocess.run(
-        [sys.executable, "-m", "specialize.cli", "cluster-demo",
+        [sys.executable, "-m", "selfspec.cli", "cluster-demo",
          "--experts-dir", str(cluster_experts), "--base-model", str(tiny_model),
          "--requests", str(requests), "--port", str(free_port()), "--ray-port", str(RAY_PORT),
          "--out", str(out)],

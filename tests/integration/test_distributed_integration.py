@@ -107,6 +107,7 @@ def test_sharded_domain_publishes_and_a_failed_one_is_reported(tmp_path, tiny_mo
 
 def _main(spec_file: str) -> None:
     """The subprocess: build the tiny config and run the distributed driver."""
+    from selfspec.cli import rebuild_router_index
     from specialize.distributed import build_distributed_config, specialize_distributed
     from tests.integration.test_specialize_integration import tiny_config
 
@@ -115,6 +116,8 @@ def _main(spec_file: str) -> None:
     dcfg = build_distributed_config("local", spec.get("shards"), task_cpus=spec["task_cpus"])
     make = {"make_generator": fake_engine} if spec.get("fake") else {}
     outcome = specialize_distributed(spec["domains"], cfg, dcfg, **make)
+    if outcome.results:  # what the selfspec command does after a run publishes
+        rebuild_router_index(cfg.experts_dir)
     Path(spec["out"]).write_text(json.dumps(
         {"results": outcome.results, "failed": outcome.failed}))
 

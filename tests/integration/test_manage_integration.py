@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from specialize.cli import main
+from selfspec.cli import main
 from tests.integration.conftest import SERVE_API_KEY
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from router.index import ensure_index, load_router, read_meta
 from router.seedset import load_routing, routing_files, write_seed_registry
 from core.errors import EncoderError
 from router.types import RouterError
-from specialize.cli import main
+from selfspec.cli import main
 from core.registry import load_registry
 
 pytestmark = pytest.mark.integration

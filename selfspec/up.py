@@ -38,7 +38,7 @@ POLL_S = 1.0
 def specialize_command(domains: list[str], experts_dir: Path, base_model: str,
                        dtype: str | None = None, verbose: bool = False) -> list[str]:
     """The child's command line (CPU-sized defaults: those of `selfspec specialize`)."""
-    cmd = [sys.executable, "-m", "specialize.cli"] + (["-v"] if verbose else []) + [
+    cmd = [sys.executable, "-m", "selfspec.cli"] + (["-v"] if verbose else []) + [
         "specialize", *domains, "--experts-dir", str(experts_dir), "--base-model", base_model,
         "--resume", "--publish-each"]
     if dtype:
