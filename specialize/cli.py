@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
-import os
 import sys
 from pathlib import Path
 
 from specialize.config import STAGES
-from core.console import catch_interrupts, console, interrupt_line, route_output
-from core.errors import SelfspecError
+from core.console import console, interrupt_line
 from core.precision import DTYPES
 
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from selfspec_vllm_cpu import lora, lora_fused, plugin
+from selfspec_vllm_cpu import lora, lora_fused
 from selfspec_vllm_cpu.state import STATE
 
 SLOTS, RANK, FAN_IN = 4, 8, 32
