@@ -556,7 +556,6 @@ def test_resume_after_a_kill_between_publish_and_cleanup_does_not_republish(
     monkeypatch.setattr(pipeline, "train_adapter", train)
     monkeypatch.setattr(pipeline, "validate_adapter", lambda *a: {
         "rank": 8, "alpha": 16, "target_modules": ["q_proj"]})
-    monkeypatch.setattr(pipeline, "rebuild_router_index", lambda experts_dir: None)
     real_rmtree = shutil.rmtree
     cfg = _cfg(tmp_path, tmp_path / "base")
     workdir = cfg.experts_dir / ".work" / "alpha"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import specialize.pipeline
+import selfspec.cli
 from selfspec.cli import main
 from core.errors import AdapterError, ExpertNotFoundError, RegistryError
 from specialize.manage import (
@@ -86,7 +86,7 @@ def write_lines(path: Path, n: int) -> Path:
 def no_index_build(monkeypatch):
     """The CLI rebuilds the router index after a change; the encoder is not what is tested."""
     calls = []
-    monkeypatch.setattr(specialize.pipeline, "rebuild_router_index", calls.append)
+    monkeypatch.setattr(selfspec.cli, "rebuild_router_index", calls.append)
     return calls
 
 
