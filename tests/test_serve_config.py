@@ -217,7 +217,8 @@ def test_deploy_settings_read_the_yaml_and_flags_win(tmp_path):
 
 
 def test_up_serves_first_then_specializes_only_what_is_missing(tmp_path, monkeypatch):
-    from serve import cli, up
+    from selfspec import up
+    from serve import cli
 
     write_registry(tmp_path, registry(entry("law")))
     calls = []
