@@ -150,6 +150,9 @@ class TrainConfig(_Config):
     packing: bool = False  # several examples per max_seq_len row, kept apart by position ids
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N optimizer steps "
                                    "into the stage's checkpoints/ for --resume; None: none")
+    # Data-parallel ranks through Ray Train's TorchTrainer (gloo on CPU, NCCL on GPUs), each
+    # training its share of every batch (batch_size stays the examples per optimizer step).
+    workers: int = Field(1, ge=1, le=1024)
 
     @model_validator(mode="before")
     @classmethod

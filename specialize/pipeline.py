@@ -35,6 +35,7 @@ from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
 from core.seeds import Domain, load_domain
 from specialize.train import train_adapter
+from specialize.train_workers import train_adapter_on_workers
 from core.lora import validate_adapter
 
 log = logging.getLogger(__name__)
@@ -291,8 +292,9 @@ def _train(run: DomainRun, cfg: SpecializeConfig, base_path: Path, data_stage: s
     """gain_items: the validation split, for the adapter that will be published."""
     if not run.done(stage):
         t = time.time()
-        res = train_adapter(base_path, cfg.train, run.workdir / data_stage / "train.jsonl",
-                            run.workdir / stage, gain_items, cfg.gain)
+        train = train_adapter if cfg.train.workers == 1 else train_adapter_on_workers
+        res = train(base_path, cfg.train, run.workdir / data_stage / "train.jsonl",
+                    run.workdir / stage, gain_items, cfg.gain)
         run.finish(stage, res, time.time() - t)
     if not run.done(f"validate_{stage}"):
         t = time.time()

@@ -18,6 +18,7 @@ rank 0 writes. Writes adapter/, loss.json (every optimizer step), loss.png and c
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -225,8 +226,11 @@ def train_adapter(base_model_path: Path, cfg: TrainConfig, train_file: Path,
 
     on_cuda = torch.cuda.is_available()
     model = _load_model(base_model_path, cfg, on_cuda)
-    micro = min(cfg.micro_batch_size, cfg.batch_size)
-    accum = -(-cfg.batch_size // micro)
+    # batch_size is the examples per optimizer step over all ranks (WORLD_SIZE: Ray Train's
+    # workers, specialize/train_workers.py): each rank takes its share of every batch.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = min(cfg.micro_batch_size, -(-cfg.batch_size // world))
+    accum = max(1, -(-cfg.batch_size // (micro * world)))
     Trainer, Progress = _trainer_class()
     trainer = Trainer(model=model, args=_sft_config(cfg, ckpt_dir, on_cuda, micro, accum),
                       train_dataset=Dataset.from_list(examples), processing_class=tokenizer,

@@ -116,3 +116,23 @@ def test_filter_embeds_a_batch_of_candidates_in_one_encoder_call():
     verdicts = [filt.check(t) for t in tasks]
     assert len(counting.calls) == 1  # every check was served from the memo
     assert any(v.reason is None for v in verdicts)
+
+
+def test_train_workers_need_ray(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "seeds"
+    write_domain(root, "demo")
+    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
+    code = main(["specialize", "demo", "--experts-dir", str(tmp_path / "e"),
+                 "--train-workers", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--train-workers 2 only apply to a run on Ray" in err
+    with pytest.raises(ConfigError, match="train.workers"):
+        build_config(train={"workers": 0})
+
+
+def test_train_workers_outside_ray_is_a_config_error(tmp_path):
+    from specialize.config import TrainConfig
+    from specialize.train_workers import train_adapter_on_workers
+
+    with pytest.raises(ConfigError, match="add --ray-address"):
+        train_adapter_on_workers(tmp_path, TrainConfig(workers=2), tmp_path / "t.jsonl", tmp_path)
