@@ -30,13 +30,14 @@ def _one_thread() -> None:
 
 
 def _router(experts_dir: Path, encoder):
+    from router.index import load_router
     from router.route import Router
     from router.seedset import seed_exemplars
     from core.registry import load_registry
 
     reg = load_registry(experts_dir)
     if reg.experts:
-        return Router.load(experts_dir, encoder=encoder), f"registry {experts_dir}", \
+        return load_router(experts_dir, encoder=encoder), f"registry {experts_dir}", \
             {n: e.exemplars for n, e in reg.experts.items()}, \
             {n: e.description for n, e in reg.experts.items()}
     exemplars, descriptions = seed_exemplars()

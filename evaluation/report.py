@@ -43,13 +43,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from evaluation.backends import BASE
-from core.eval_formats import CLASSIFY, LETTER, MAX_TOKENS, SHORT, YES_NO
-from core.stats import CONFIDENCE, paired_diff
+from core.eval_formats import CLASSIFY, FORMATS, LETTER, MAX_TOKENS, SHORT, YES_NO, ItemScore
+from core.seeds import EvalItem
+from core.stats import CONFIDENCE, macro_f1_ci, mean_ci, paired_diff
 
 SCHEMA_VERSION = 1
 AUTO, MIXED = "auto", "mixed"
@@ -87,7 +88,6 @@ def machine_facts() -> dict:
 
 
 def build_report(plan, items, scores: dict[str, list], routed_to: list[str]) -> dict:
-    from evaluation.run import generative_score, metrics, routing_counts
 
     cfg = plan.cfg
     r, seed = cfg.resamples, cfg.seed

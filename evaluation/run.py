@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from evaluation.backends import BASE, Request, Served
 from evaluation.config import TARGET_GROUPS, EvalConfig
 from core.eval_formats import (
-    FORMATS,
     MAX_TOKENS,
     ItemScore,
     letter_text,
@@ -27,7 +26,6 @@ from core.eval_formats import (
     score_multiple_choice,
     user_text,
 )
-from core.stats import macro_f1_ci, mean_ci
 from core.errors import ConfigError
 from core.seeds import EvalItem
 
@@ -255,43 +253,3 @@ def evaluate(cfg: EvalConfig, backend_factory=open_backend, progress=None) -> tu
                           routed_to)
     return report, rows
 
-
-def metrics(items: list[EvalItem], scores: list[ItemScore], resamples: int, seed: int) -> dict:
-    """One cell of the table: the headline with its interval, then each format's metrics."""
-    out: dict = {"n": len(items),
-                 "score": mean_ci([s.score for s in scores], resamples, seed),
-                 "score_generative": mean_ci([generative_score(s) for s in scores],
-                                             resamples, seed)}
-    for fmt in FORMATS:
-        sel = [s for it, s in zip(items, scores) if it.type == fmt]
-        if not sel:
-            continue
-        m: dict = {"n": len(sel)}
-        if fmt == "multiple_choice":
-            m["acc"] = mean_ci([s.acc for s in sel], resamples, seed)
-            m["acc_norm"] = mean_ci([s.score for s in sel], resamples, seed)
-            m["generative"] = mean_ci([s.generative for s in sel], resamples, seed)
-            m["generative_invalid"] = round(sum(not s.generative_valid for s in sel) / len(sel), 4)
-        elif fmt == "short_answer":
-            m["exact_match"] = mean_ci([s.score for s in sel], resamples, seed)
-            m["rouge_l"] = mean_ci([s.rouge_l for s in sel], resamples, seed)
-        else:
-            m["accuracy"] = mean_ci([s.score for s in sel], resamples, seed)
-            m["macro_f1"] = macro_f1_ci([s.gold for s in sel], [s.pred for s in sel],
-                                        resamples, seed)
-            m["invalid"] = round(sum(not s.valid for s in sel) / len(sel), 4)
-        out[fmt] = m
-    return out
-
-
-def generative_score(s: ItemScore) -> float:
-    """The per-item score with multiple choice asked generatively (the letter) instead of cloze."""
-    return s.score if s.generative is None else s.generative
-
-
-def routing_counts(items, routed_to: list[str]) -> dict:
-    """auto: per domain, how many items went to each target."""
-    counts: dict[str, Counter] = defaultdict(Counter)
-    for (domain, _), t in zip(items, routed_to):
-        counts[domain][t] += 1
-    return {d: dict(sorted(c.items())) for d, c in counts.items()}

@@ -1,7 +1,7 @@
 """`Router`: text in, `RouteChoice` out. Imports numpy and FAISS, never Ray or vLLM, so `serve/`
 can hold one in its ingress; the encoder (torch) is loaded only when a Router is built or loaded.
 
-    router = Router.load("experts")             # builds/refreshes the index beside the registry
+    router = load_router("experts")             # router.index: builds/refreshes the index on disk
     router.route("what is consideration?")      # RouteChoice(expert='law', score=0.52, ...)
     router.route_batch(["...", "..."])          # one encoder call for the batch
 """
@@ -112,13 +112,6 @@ class Router:
         # half the threshold
         return cls(encoder, index, names, thr, cfg, info,
                    generic_vecs[kept] if kept.any() else None)
-
-    @classmethod
-    def load(cls, experts_dir: str | os.PathLike, encoder: Encoder | str | None = None,
-             rebuild: bool = False) -> Router:
-        """The router for a registry: builds its index if missing or stale (see router.index)."""
-        from router.index import load_router
-        return load_router(experts_dir, encoder=encoder, rebuild=rebuild)
 
     # ---------------------------------------------------------------- routing
     def route(self, text: str) -> RouteChoice:

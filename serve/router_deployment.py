@@ -43,15 +43,14 @@ class RouterServer:
 
     def _load_router(self, experts_dir: Path):
         from core.encoder import canonical_name
-        from router.index import read_meta
-        from router.route import Router
+        from router.index import load_router, read_meta
 
         encoder = self.cfg.router.encoder
         held = self.router.encoder if self.router is not None else None
         want = encoder or ((read_meta(experts_dir) or {}).get("encoder") or {}).get("name")
         if held is not None and want is not None and canonical_name(want) == held.name:
             encoder = held  # the same model: a hot-add reloads the index, not the encoder
-        return Router.load(experts_dir, encoder=encoder)
+        return load_router(experts_dir, encoder=encoder)
 
     async def reload(self) -> dict:
         # One reload at a time: the registry watch and /admin/reload often fire together after

@@ -37,8 +37,8 @@ def client(serve_app):
 @pytest.fixture(scope="module")
 def local_router(serve_app):
     """The same index the router deployment built, loaded here to predict its choices."""
-    from router.route import Router
-    return Router.load(serve_app[1])
+    from router.index import load_router
+    return load_router(serve_app[1])
 
 
 def chat(text, model="auto", **kw):
