@@ -288,3 +288,44 @@ def write_outputs(report: dict, rows: list[dict], out: Path) -> list[Path]:
     heatmap_png(report, paths[2])
     paths[3].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return paths
+
+
+def metrics(items: list[EvalItem], scores: list[ItemScore], resamples: int, seed: int) -> dict:
+    """One cell of the table: the headline with its interval, then each format's metrics."""
+    out: dict = {"n": len(items),
+                 "score": mean_ci([s.score for s in scores], resamples, seed),
+                 "score_generative": mean_ci([generative_score(s) for s in scores],
+                                             resamples, seed)}
+    for fmt in FORMATS:
+        sel = [s for it, s in zip(items, scores) if it.type == fmt]
+        if not sel:
+            continue
+        m: dict = {"n": len(sel)}
+        if fmt == "multiple_choice":
+            m["acc"] = mean_ci([s.acc for s in sel], resamples, seed)
+            m["acc_norm"] = mean_ci([s.score for s in sel], resamples, seed)
+            m["generative"] = mean_ci([s.generative for s in sel], resamples, seed)
+            m["generative_invalid"] = round(sum(not s.generative_valid for s in sel) / len(sel), 4)
+        elif fmt == "short_answer":
+            m["exact_match"] = mean_ci([s.score for s in sel], resamples, seed)
+            m["rouge_l"] = mean_ci([s.rouge_l for s in sel], resamples, seed)
+        else:
+            m["accuracy"] = mean_ci([s.score for s in sel], resamples, seed)
+            m["macro_f1"] = macro_f1_ci([s.gold for s in sel], [s.pred for s in sel],
+                                        resamples, seed)
+            m["invalid"] = round(sum(not s.valid for s in sel) / len(sel), 4)
+        out[fmt] = m
+    return out
+
+
+def generative_score(s: ItemScore) -> float:
+    """The per-item score with multiple choice asked generatively (the letter) instead of cloze."""
+    return s.score if s.generative is None else s.generative
+
+
+def routing_counts(items, routed_to: list[str]) -> dict:
+    """auto: per domain, how many items went to each target."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for (domain, _), t in zip(items, routed_to):
+        counts[domain][t] += 1
+    return {d: dict(sorted(c.items())) for d, c in counts.items()}

@@ -19,6 +19,7 @@ from pathlib import Path
 from evaluation.backends import BASE, Request, Served
 from evaluation.config import TARGET_GROUPS, EvalConfig
 from core.eval_formats import (
+    FORMATS,
     MAX_TOKENS,
     ItemScore,
     letter_text,

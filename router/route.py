@@ -9,7 +9,6 @@ can hold one in its ingress; the encoder (torch) is loaded only when a Router is
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
