@@ -5,7 +5,7 @@
     <experts_dir>/router/index-<build>.faiss  the vectors, labelled with expert numbers
     <experts_dir>/router/offtopic-<build>.npy the off-topic text's vectors (router/offtopic.py)
 
-meta.json is replaced atomically and names its index file, so a reader sees one whole build or
+meta.json (its schema: core/router_index.py) is replaced atomically and names its index file, so a reader sees one whole build or
 the previous one; builds are serialized by `router/.lock` (our own lock: publishing may call
 `ensure_index` while it holds the registry's). A stale index (another registry revision, or a
 registry edited by hand) is rebuilt; one built with another encoder is refused unless
@@ -30,29 +30,17 @@ from core.encoder import Encoder, canonical_name, load_encoder
 from router.route import Router
 from router.types import RouterError, ScoringConfig
 from router.vectors import index_kind, read_index, write_index
-from core.registry import Registry, atomic_write_text, load_registry, utcnow
+from core.registry import Registry, load_registry, utcnow
+from core.router_index import (
+    INDEX_FORMAT,
+    EncoderInfo,
+    RouterIndexMeta,
+    read_meta,
+    router_dir,
+    write_meta,
+)
 
 log = logging.getLogger(__name__)
-
-INDEX_FORMAT = 2  # 2: off-topic vectors beside the index (issue 17)
-ROUTER_DIR = "router"
-META_FILE = "meta.json"
-
-
-def router_dir(experts_dir: str | os.PathLike) -> Path:
-    return Path(experts_dir) / ROUTER_DIR
-
-
-def read_meta(experts_dir: str | os.PathLike) -> dict | None:
-    path = router_dir(experts_dir) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        return meta if isinstance(meta, dict) else None
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        log.warning("unreadable %s (%s): it will be rebuilt", path, e)
-        return None
 
 
 def fingerprint(registry: Registry) -> str:
@@ -94,9 +82,8 @@ def load_router(experts_dir: str | os.PathLike, encoder: Encoder | str | None = 
         if meta is None:
             break
         try:
-            index = read_index(folder / meta["index_file"])
-            offtopic = np.load(folder / meta["offtopic_file"]) if meta.get("offtopic_file") \
-                else None
+            index = read_index(folder / meta.index_file)
+            offtopic = np.load(folder / meta.offtopic_file) if meta.offtopic_file else None
         except (OSError, RuntimeError, ValueError, EOFError) as e:
             if read_meta(experts_dir) != meta:
                 continue  # rebuilt meanwhile (files named a moment ago are gone): read that
@@ -107,10 +94,10 @@ def load_router(experts_dir: str | os.PathLike, encoder: Encoder | str | None = 
             if built is not None:
                 return built
             continue
-        enc = load_encoder(encoder if encoder is not None else meta["encoder"]["name"])
-        cfg = ScoringConfig(**meta["scoring"])
-        thr = [meta["thresholds"][n] for n in meta["experts"]]
-        return Router(enc, index, meta["experts"], thr, cfg, _info(meta, experts_dir), offtopic)
+        enc = load_encoder(encoder if encoder is not None else meta.encoder.name)
+        cfg = ScoringConfig(**meta.scoring)
+        thr = [meta.thresholds[n] for n in meta.experts]
+        return Router(enc, index, meta.experts, thr, cfg, _info(meta, experts_dir), offtopic)
     raise RouterError(f"cannot read the router index in {folder}: delete the folder and retry")
 
 
@@ -135,7 +122,7 @@ def _ensure(experts_dir: Path, encoder, rebuild: bool) -> tuple[Path, Router | N
         if reason is None:
             return folder, None
         if encoder is None:
-            encoder = meta["encoder"]["name"] if meta and "encoder" in meta else None
+            encoder = meta.encoder.name if meta else None
         log.info("building the router index in %s: %s", folder, reason)
         router = _build(experts_dir, registry, encoder)
         try:
@@ -150,13 +137,14 @@ def _not_writable(folder: Path, e: OSError) -> RouterError:
                        "writable, or build the index once where it is")
 
 
-def _stale_reason(meta: dict | None, registry: Registry, folder: Path, encoder) -> str | None:
+def _stale_reason(meta: RouterIndexMeta | None, registry: Registry, folder: Path,
+                  encoder) -> str | None:
     if meta is None:
         return "no index yet"
     try:
-        built_with, dim = meta["encoder"]["name"], int(meta["encoder"]["dim"])
-        if meta.get("format_version") != INDEX_FORMAT:
-            return (f"index format {meta.get('format_version')} "
+        built_with, dim = meta.encoder.name, meta.encoder.dim
+        if meta.format_version != INDEX_FORMAT:
+            return (f"index format {meta.format_version} "
                     f"(this selfspec writes {INDEX_FORMAT})")
         want = canonical_name(encoder) if isinstance(encoder, (str, type(None))) else encoder.name
         if encoder is not None and (want != built_with or
@@ -165,17 +153,17 @@ def _stale_reason(meta: dict | None, registry: Registry, folder: Path, encoder) 
                 f"the router index in {folder} was built with encoder {built_with!r} (dim {dim}) "
                 f"but {want!r} is configured: pass --rebuild-index (rebuild=True) to re-embed "
                 "every exemplar with it, or drop --encoder to keep the index's encoder")
-        if meta["registry_revision"] != registry.revision:
-            return (f"built from registry revision {meta['registry_revision']}, "
+        if meta.registry_revision != registry.revision:
+            return (f"built from registry revision {meta.registry_revision}, "
                     f"registry is at {registry.revision}")
-        if meta.get("registry_fingerprint") != fingerprint(registry):
+        if meta.registry_fingerprint != fingerprint(registry):
             return "registry content changed without a new revision"
-        if not (folder / meta["index_file"]).is_file():
+        if not (folder / meta.index_file).is_file():
             return "index file missing"
-        size = (folder / meta["index_file"]).stat().st_size
-        if "index_bytes" in meta and size != meta["index_bytes"]:
-            return f"index file is {size} bytes, {meta['index_bytes']} were written (truncated)"
-        if meta.get("offtopic_file") and not (folder / meta["offtopic_file"]).is_file():
+        size = (folder / meta.index_file).stat().st_size
+        if meta.index_bytes is not None and size != meta.index_bytes:
+            return f"index file is {size} bytes, {meta.index_bytes} were written (truncated)"
+        if meta.offtopic_file and not (folder / meta.offtopic_file).is_file():
             return "off-topic vectors missing"
     except (KeyError, TypeError, ValueError) as e:
         return f"meta.json incomplete ({e!r})"
@@ -204,27 +192,27 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
         with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the name
             np.save(f, router.offtopic)
         os.replace(tmp, folder / offtopic_file)
-    meta = {
-        "format_version": INDEX_FORMAT,
-        "encoder": {"name": router.encoder.name, "dim": router.encoder.dim},
-        "registry_revision": registry.revision,
-        "registry_fingerprint": fingerprint(registry),
-        "experts": router.names,
-        "expert_versions": {n: registry.experts[n].version for n in router.names},
-        "index_file": index_file,
-        "index_bytes": (folder / index_file).stat().st_size,  # a truncated copy shows as stale
-        "offtopic_file": offtopic_file,
-        "offtopic": router.info.get("offtopic"),
-        "index_kind": index_kind(router.index),
-        "hnsw_min_vectors": HNSW_MIN_VECTORS,
-        "n_vectors": int(router.index.ntotal),
-        "thresholds": {n: float(t) for n, t in zip(router.names, router.thresholds)},
-        "scoring": router.cfg.to_json(),
-        "calibration": router.info.get("calibration"),
-        "cv_top1": router.info.get("cv_top1"),
-        "built": utcnow().isoformat(),
-    }
-    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
+    meta = RouterIndexMeta(
+        format_version=INDEX_FORMAT,
+        encoder=EncoderInfo(name=router.encoder.name, dim=router.encoder.dim),
+        registry_revision=registry.revision,
+        registry_fingerprint=fingerprint(registry),
+        experts=router.names,
+        expert_versions={n: registry.experts[n].version for n in router.names},
+        index_file=index_file,
+        index_bytes=(folder / index_file).stat().st_size,  # a truncated copy shows as stale
+        offtopic_file=offtopic_file,
+        offtopic=router.info.get("offtopic"),
+        index_kind=index_kind(router.index),
+        hnsw_min_vectors=HNSW_MIN_VECTORS,
+        n_vectors=int(router.index.ntotal),
+        thresholds={n: float(t) for n, t in zip(router.names, router.thresholds)},
+        scoring=router.cfg.to_json(),
+        calibration=router.info.get("calibration"),
+        cv_top1=router.info.get("cv_top1"),
+        built=utcnow().isoformat(),
+    )
+    write_meta(experts_dir, meta)
     for old in [*folder.glob("index-*.faiss"), *folder.glob("offtopic-*.npy")]:
         if old.name not in (index_file, offtopic_file):
             with contextlib.suppress(FileNotFoundError):
@@ -232,11 +220,10 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
     router.info.update(_info(meta, experts_dir))
 
 
-def _info(meta: dict, experts_dir: Path) -> dict:
-    return {"experts_dir": str(experts_dir), "registry_revision": meta["registry_revision"],
-            "n_vectors": meta["n_vectors"], "calibration": meta.get("calibration"),
-            "cv_top1": meta.get("cv_top1"), "encoder": meta["encoder"]["name"],
-            "offtopic": meta.get("offtopic")}
+def _info(meta: RouterIndexMeta, experts_dir: Path) -> dict:
+    return {"experts_dir": str(experts_dir), "registry_revision": meta.registry_revision,
+            "n_vectors": meta.n_vectors, "calibration": meta.calibration,
+            "cv_top1": meta.cv_top1, "encoder": meta.encoder.name, "offtopic": meta.offtopic}
 
 
 @contextlib.contextmanager

@@ -47,7 +47,8 @@ class RouterServer:
 
         encoder = self.cfg.router.encoder
         held = self.router.encoder if self.router is not None else None
-        want = encoder or ((read_meta(experts_dir) or {}).get("encoder") or {}).get("name")
+        meta = read_meta(experts_dir)
+        want = encoder or (meta.encoder.name if meta else None)
         if held is not None and want is not None and canonical_name(want) == held.name:
             encoder = held  # the same model: a hot-add reloads the index, not the encoder
         return load_router(experts_dir, encoder=encoder)

@@ -252,11 +252,12 @@ def test_truncated_router_index_is_rebuilt(tmp_path, fake_st, damaged, old_meta)
     built = load_router(tmp_path)
     meta = read_meta(tmp_path)
     if old_meta:  # written before meta.json recorded the index size: found when it is read
-        meta.pop("index_bytes")
-        (tmp_path / "router" / "meta.json").write_text(json.dumps(meta))
-    _truncate(tmp_path / "router" / meta[damaged])  # a torn copy, a full disk
+        raw = meta.model_dump(mode="json")
+        raw.pop("index_bytes")
+        (tmp_path / "router" / "meta.json").write_text(json.dumps(raw))
+    _truncate(tmp_path / "router" / getattr(meta, damaged))  # a torn copy, a full disk
     loaded = load_router(tmp_path)
-    assert read_meta(tmp_path)["index_file"] != meta["index_file"]  # a new build
+    assert read_meta(tmp_path).index_file != meta.index_file  # a new build
     qs = ["law x", "math y", "cook z"]
     assert [c.expert for c in loaded.route_batch(qs)] == [c.expert for c in built.route_batch(qs)]
     assert load_router(tmp_path).names == ["law", "math"]  # and the rebuilt one reads back

@@ -284,25 +284,25 @@ def test_index_is_built_once_and_reused(tmp_path, fake_st):
     write_reg(tmp_path, two_experts())
     folder = ensure_index(tmp_path)
     meta = read_meta(tmp_path)
-    assert meta["encoder"] == {"name": "all-MiniLM-L6-v2", "dim": 8}
-    assert meta["registry_revision"] == 1 and meta["experts"] == ["law", "math"]
+    assert meta.encoder.model_dump() == {"name": "all-MiniLM-L6-v2", "dim": 8}
+    assert meta.registry_revision == 1 and meta.experts == ["law", "math"]
     assert sorted(p.name for p in folder.iterdir()) == [
-        ".lock", meta["index_file"], "meta.json", meta["offtopic_file"]]
-    assert meta["offtopic_file"].startswith("offtopic-r1-")
-    assert meta["offtopic"]["kept"] + len(meta["offtopic"]["dropped"]) == len(OFF_TOPIC)
+        ".lock", meta.index_file, "meta.json", meta.offtopic_file]
+    assert meta.offtopic_file.startswith("offtopic-r1-")
+    assert meta.offtopic["kept"] + len(meta.offtopic["dropped"]) == len(OFF_TOPIC)
     assert len(fake_st) == 1
     assert ensure_index(tmp_path) == folder and len(fake_st) == 1  # fresh: no encoder built
-    assert read_meta(tmp_path)["index_file"] == meta["index_file"]
+    assert read_meta(tmp_path).index_file == meta.index_file
 
 
 def test_new_revision_or_hand_edit_rebuilds(tmp_path, fake_st):
     write_reg(tmp_path, two_experts())
     ensure_index(tmp_path)
-    first = read_meta(tmp_path)["index_file"]
+    first = read_meta(tmp_path).index_file
     write_reg(tmp_path, {"law": two_experts()["law"]}, revision=2)  # a publish
     r = load_router(tmp_path)
     meta = read_meta(tmp_path)
-    assert meta["registry_revision"] == 2 and r.names == ["law"]
+    assert meta.registry_revision == 2 and r.names == ["law"]
     assert not (tmp_path / "router" / first).exists()  # old build cleaned up
     assert len(list((tmp_path / "router").glob("offtopic-*.npy"))) == 1
     write_reg(tmp_path, two_experts(), revision=2)  # edited by hand, revision unchanged
@@ -326,7 +326,7 @@ def test_index_of_another_encoder_is_refused_unless_rebuilt(tmp_path, fake_st):
         load_router(tmp_path, encoder=FakeEncoder(name="enc-a", dim=16))  # same name, other dim
     assert load_router(tmp_path).encoder.name == "enc-a"  # no encoder given: the index's own
     ensure_index(tmp_path, encoder=FakeEncoder(name="enc-b"), rebuild=True)
-    assert read_meta(tmp_path)["encoder"]["name"] == "enc-b"
+    assert read_meta(tmp_path).encoder.name == "enc-b"
 
 
 def test_reloaded_router_routes_like_the_built_one(tmp_path, fake_st):

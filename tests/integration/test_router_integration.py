@@ -68,11 +68,11 @@ def test_each_domain_goes_to_its_expert_and_off_topic_to_base(router, query, exp
 
 def test_index_meta_records_encoder_and_revision(experts, router):
     meta = read_meta(experts)
-    assert meta["encoder"] == {"name": DEFAULT_ENCODER, "dim": 384}
-    assert meta["registry_revision"] == 1 and meta["index_kind"] == "flat"
+    assert meta.encoder.model_dump() == {"name": DEFAULT_ENCODER, "dim": 384}
+    assert meta.registry_revision == 1 and meta.index_kind == "flat"
     reg = load_registry(experts)
     unique = sum(len(set(e.exemplars)) for e in reg.experts.values())
-    assert meta["n_vectors"] == router.index.ntotal == unique + 4  # + one description each
+    assert meta.n_vectors == router.index.ntotal == unique + 4  # + one description each
     assert all(meta["calibration"][n]["rule"] == "negatives p75" for n in router.names)
     assert 0.15 < min(meta["thresholds"].values()) <= max(meta["thresholds"].values()) < 0.35
 
@@ -129,7 +129,7 @@ def test_publishing_rebuilds_the_index(tmp_path, encoder):
     write_seed_registry(tmp_path, revision=2)  # what a publish of two more experts leaves
     ensure_index(tmp_path, encoder=encoder)  # the publish hook
     meta = read_meta(tmp_path)
-    assert meta["registry_revision"] == 2 and len(meta["experts"]) == 4
+    assert meta.registry_revision == 2 and len(meta.experts) == 4
 
 
 def test_cli_json_stdin_and_text(experts, router, capsys, monkeypatch):
