@@ -26,6 +26,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -244,19 +245,30 @@ def _no_lock(experts_dir: Path, e: OSError) -> str:
             "with locking (NFS without nolock/local_lock)")
 
 
+_held = threading.local()  # the experts dirs whose lock this thread holds
+
+
 @contextlib.contextmanager
 def locked(experts_dir: Path) -> Iterator[None]:
     """Serialize registry read-modify-write across processes (parallel publishers on one volume).
     On storage where the lock is node-local it does not exclude; `commit_registry` stays correct
-    there, the lock only saves it retries."""
+    there, the lock only saves it retries. Re-entrant in one thread (a caller that holds it
+    can call commit_registry): a second flock from the same process would wait forever."""
+    key = os.path.realpath(experts_dir)
+    held = _held.__dict__.setdefault("dirs", set())
+    if key in held:
+        yield
+        return
     with open(experts_dir / LOCK_FILE, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as e:
             raise RegistryError(_no_lock(experts_dir, e)) from e
+        held.add(key)
         try:
             yield
         finally:
+            held.discard(key)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

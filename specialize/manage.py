@@ -44,12 +44,12 @@ from core.registry import (
     LoraInfo,
     Registry,
     check_name,
+    commit_registry,
     load_registry,
     locked,
     read_version,
     utcnow,
     version_dirs,
-    write_registry,
 )
 from core.seeds import SeedFile
 
@@ -433,12 +433,18 @@ def _known(experts_dir: Path, name: str) -> None:
 
 
 def _commit(experts_dir: Path, registry: Registry, name: str, entry: ExpertEntry | None) -> None:
-    """Under the lock: write the registry with a new revision, then re-point `<name>`."""
-    if entry is not None:
-        registry.experts[name] = entry
-    registry.revision += 1
-    registry.updated = utcnow()
-    write_registry(experts_dir, registry)
+    """Under the lock: claim the next revision with this change (commit_registry, which holds
+    where the lock is node-local), then re-point `<name>`. `registry` gets the revision written."""
+
+    def change(newest: Registry) -> None:
+        if entry is None:
+            newest.experts.pop(name, None)
+        else:
+            newest.experts[name] = entry
+
+    change(registry)
+    written = commit_registry(experts_dir, change)
+    registry.revision, registry.updated = written.revision, written.updated
     if entry is not None:
         point_symlink(experts_dir / name, Path(entry.path))
 
