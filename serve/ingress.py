@@ -48,10 +48,15 @@ from serve.protocol import (
     parse_json,
 )
 from serve.selection import AUTO, BASE, Selector
+from serve.watch import board_actor, broadcast_reload, replica_identity
 from core.build_status import describe_in_progress, read_build_status
 from core.errors import SelfspecError
 
 log = logging.getLogger(__name__)
+
+# How long /admin/reload waits for every replica to act on it (loading a new adapter or
+# rebuilding the router index takes seconds); it answers with those still behind after that.
+RELOAD_WAIT_S = 60.0
 
 
 async def _cancel(items) -> None:
@@ -64,8 +69,10 @@ async def _cancel(items) -> None:
 
 
 class Service:
-    def __init__(self, engine: EngineClient, router: RouterClient, cfg: ServeConfig):
+    def __init__(self, engine: EngineClient, router: RouterClient, cfg: ServeConfig,
+                 board=None):
         self.engine, self.router, self.cfg = engine, router, cfg
+        self.board = board  # the app's ReloadBoard actor (serve/watch.py); None outside Serve
         self.api_key = cfg.resolved_api_key()
         self.selector = Selector(engine, router, cfg.router.require_gain, cfg.router.gain_max_p)
         self.metrics = ServeMetrics()
@@ -230,8 +237,14 @@ class Service:
         self.authorize(raw)
         cat = await self.selector.reload()
         router = await self.router.reload()
-        return {"registry_revision": cat["revision"], "experts": list(cat["experts"]),
-                "skipped": cat["skipped"], "router": router}
+        out = {"registry_revision": cat["revision"], "experts": list(cat["experts"]),
+               "skipped": cat["skipped"], "router": router}
+        if self.board is not None and self.cfg.registry_poll_s > 0:
+            # The two calls above reached one replica of each deployment; the board reaches
+            # the others through their watch loops, and this waits until they acted on it.
+            out["replicas"] = await broadcast_reload(self.board, self.cfg.registry_poll_s,
+                                                     RELOAD_WAIT_S)
+        return out
 
 
 def build_http_app(service: Service) -> FastAPI:
@@ -282,8 +295,10 @@ def build_http_app(service: Service) -> FastAPI:
 class IngressServer:
     def __init__(self, engine, router, cfg: dict):
         cfg = build_serve_config(cfg)
+        me = replica_identity()
         self.service = Service(HandleEngine(engine), HandleRouter(
-            router, cfg.router.max_batch_size, cfg.router.batch_wait_timeout_s), cfg)
+            router, cfg.router.max_batch_size, cfg.router.batch_wait_timeout_s), cfg,
+            board=board_actor(me[0]) if me is not None else None)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self.service)

@@ -12,6 +12,11 @@ expert would turn a storage hiccup into an outage.
 
 `RetrySchedule`: when to try again what failed (an adapter the engine could not load, a router
 index it could not build), backing off from half a minute to half an hour.
+
+`ReloadBoard`: how `/admin/reload` reaches every replica. Ray Serve's handles cannot address a
+replica, so the ingress bumps a generation on one named actor per app, and every replica's
+watch loop polls it with the registry (and reports the generation it acted on); the ingress
+waits until each replica seen recently has caught up.
 """
 
 from __future__ import annotations
@@ -134,23 +139,118 @@ class RetrySchedule:
         return any(self.due(k) for k in self._next)
 
 
+class ReloadBoard:
+    """The app's reload generation and what each replica last acted on. Runs as a named Ray
+    actor (`board_actor`); plain Python, so unit tests drive it directly."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.generation, self.clock = 0, clock
+        self.replicas: dict[str, tuple[int, float]] = {}  # replica -> (generation, polled at)
+
+    def bump(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    def poll(self, replica: str, applied: int | None) -> int:
+        """A replica's tick: records the generation it acted on (None: it just started, and
+        read the registry fresh, so it counts as current) and answers the current one."""
+        self.replicas[replica] = (self.generation if applied is None else applied, self.clock())
+        return self.generation
+
+    def status(self, generation: int, fresh_s: float) -> dict:
+        """The replicas that polled within `fresh_s` (a dead one stops polling and drops out),
+        and which of them have not yet acted on `generation`."""
+        now = self.clock()
+        fresh = {r: g for r, (g, t) in self.replicas.items() if now - t <= fresh_s}
+        return {"replicas": sorted(fresh), "behind": sorted(r for r, g in fresh.items()
+                                                           if g < generation)}
+
+
+BOARD_NAMESPACE = "selfspec"
+
+
+def board_actor(app: str):
+    """The app's ReloadBoard actor, created by whichever replica asks first. Detached: it must
+    outlive the replica that created it (a replaced replica would take it down)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(ReloadBoard).options(
+        name=f"selfspec-reload-{app}", namespace=BOARD_NAMESPACE, lifetime="detached",
+        get_if_exists=True).remote()
+
+
+def replica_identity() -> tuple[str, str] | None:
+    """(app, "deployment#replica") when running as a Ray Serve replica, else None."""
+    try:
+        from ray import serve
+        from ray.serve.exceptions import RayServeException
+    except ImportError:
+        return None
+    try:
+        ctx = serve.get_replica_context()
+    except RayServeException:  # not a Serve replica: unit tests, a plain process
+        return None
+    return ctx.app_name, f"{ctx.deployment}#{ctx.replica_id.unique_id}"
+
+
+async def broadcast_reload(board, poll_s: float, timeout_s: float) -> dict:
+    """Ask every replica to reload (see ReloadBoard) and wait until each replica that polled
+    recently acted on it, or `timeout_s` passed. `board` is the actor (or a stand-in whose
+    methods have `.remote`)."""
+    generation = await board.bump.remote()
+    fresh_s = 3 * poll_s + 2.0
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await board.status.remote(generation, fresh_s)
+        if not status["behind"] or time.monotonic() >= deadline:
+            return {"generation": generation, **status}
+        await asyncio.sleep(min(0.2, poll_s))
+
+
 def start_watch(experts_dir: Path, poll_s: float, on_change: Callable[[], Awaitable[object]],
-                due: Callable[[], bool] | None = None) -> asyncio.Task | None:
+                due: Callable[[], bool] | None = None, board=None,
+                replica: str | None = None) -> asyncio.Task | None:
     """Poll in the background of the running event loop: `on_change` runs when registry.json
-    changed, or when `due()` says a failed attempt should be retried. Errors are logged, never
-    fatal."""
+    changed, when `due()` says a failed attempt should be retried, or when the app's reload
+    board has a new generation (`/admin/reload`). Errors are logged, never fatal. In a Serve
+    replica the board is found by itself (`board` and `replica` are for tests)."""
     if poll_s <= 0:
         return None
     watch = RegistryWatch(experts_dir)
+    if board is None and (me := replica_identity()) is not None:
+        app, replica = me
+        try:
+            board = board_actor(app)
+        except Exception:  # without the board the registry poll still works
+            log.exception("no reload board: /admin/reload reaches this replica at its next "
+                          "registry change only")
+
+    async def ask_board(applied: int | None) -> int | None:
+        try:
+            return await board.poll.remote(replica, applied)
+        except Exception:  # a lost board must not stop the registry watch
+            log.warning("reload board unreachable; following the registry only", exc_info=True)
+            return applied
 
     async def loop() -> None:
+        applied = None  # the board generation this replica acted on
         while True:
             await asyncio.sleep(poll_s)
-            if watch.changed() or (due is not None and due()):
+            asked = None
+            if board is not None:
+                current = await ask_board(applied)
+                if applied is None:
+                    applied = current  # just started: the registry was read fresh
+                elif current is not None and current != applied:
+                    asked = current
+            if asked is not None or watch.changed() or (due is not None and due()):
                 try:
                     await on_change()
                 except Exception:
                     log.exception("reload after a registry change failed; still serving the "
                                   "previous experts")
+                if asked is not None:  # acted on it (a failure is logged and retried)
+                    applied = asked
+                    await ask_board(applied)  # the waiting ingress sees it now, not next tick
 
     return asyncio.get_running_loop().create_task(loop())

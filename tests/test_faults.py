@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -680,3 +681,65 @@ def test_api_key_on_the_command_line_warns(capsys):
     assert "sk-cli" not in err
     assert cli_api_key(Namespace(api_key=None, api_key_file=None)) is None
     assert capsys.readouterr().err == ""
+
+
+# --- 5b. /admin/reload reaches every replica, not one of each deployment -----------------------
+
+class LocalActor:
+    """A plain object behind Ray's call syntax (`actor.method.remote(...)`, awaited)."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+
+        async def call(*a, **k):
+            return method(*a, **k)
+
+        return SimpleNamespace(remote=call)
+
+
+def test_admin_reload_reaches_every_replica(tmp_path):
+    from serve.config import build_serve_config
+    from serve.watch import ReloadBoard, broadcast_reload, start_watch
+
+    board = LocalActor(ReloadBoard())
+    reloads = {f"engine#{i}": 0 for i in range(3)}
+    stuck = asyncio.Event()
+
+    def replica(name):
+        async def on_change():
+            if name == "engine#2" and not stuck.is_set():
+                await asyncio.sleep(3600)  # a reload that hangs (a storage stall)
+            reloads[name] += 1
+        return start_watch(tmp_path, 0.05, on_change, board=board, replica=name)
+
+    async def scenario():
+        tasks = {name: replica(name) for name in reloads}
+        await asyncio.sleep(0.3)  # every replica polled once: known to the board
+        assert reloads == {n: 0 for n in reloads}  # a start is no reload
+        stuck.set()
+        out = await broadcast_reload(board, 0.05, timeout_s=5)
+        assert out["replicas"] == sorted(reloads) and out["behind"] == []
+        assert reloads == {n: 1 for n in reloads}  # each replica, once: not one of them
+
+        stuck.clear()  # engine#2's next reload hangs: the answer names it, after the wait
+        out = await broadcast_reload(board, 0.05, timeout_s=0.5)
+        assert out["behind"] == ["engine#2"] and reloads["engine#0"] == 2
+        tasks["engine#2"].cancel()  # the replica dies: it stops polling and drops out
+        stuck.set()
+        await asyncio.sleep(3 * 0.05 + 2.0 + 0.2)
+        out = await broadcast_reload(board, 0.05, timeout_s=5)
+        assert out["replicas"] == ["engine#0", "engine#1"] and out["behind"] == []
+
+        # through the ingress: /admin/reload answers with what every replica did
+        service = Service(FakeEngine(), FakeRouter(), build_serve_config({
+            "registry_poll_s": 0.05}), board=board)
+        body = await service.reload(SimpleNamespace(headers={}))
+        assert body["replicas"]["behind"] == [] and reloads["engine#1"] == 4
+        assert body["experts"] == ["finance", "law"]
+        for t in tasks.values():
+            t.cancel()
+
+    asyncio.run(scenario())
