@@ -7,7 +7,7 @@ Two kinds of routing set ship in seeds/:
   seeds/<domain>/routing.jsonl, seeds/routing_none.jsonl   short, mostly exam-style queries;
   seeds/routing_user_dev.jsonl, seeds/routing_user_test.jsonl   the user-style set: queries as
       people ask them, each tagged with one of STYLES. Dev chooses the router's settings, test
-      reports them (router/NOTES.md).
+      reports them (docs/router.md).
 """
 
 from __future__ import annotations

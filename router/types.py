@@ -46,7 +46,7 @@ class ScoringConfig:
 
     The scoring defaults were chosen by 5-fold cross-validation on the shipped seed exemplars
     only (the routing sets are evaluation data), the off-topic contrast on the user-style dev
-    split (seeds/routing_user_dev.jsonl); router/NOTES.md has the tables.
+    split (seeds/routing_user_dev.jsonl); docs/router.md has the tables.
     """
 
     # score_e = (1 - centroid_weight) * mean(top_k sims to e's exemplars) + centroid_weight *
