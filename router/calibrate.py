@@ -11,7 +11,7 @@ Held-out seed instructions are long and templated, so they score ~0.1 higher on 
 than short user questions do. A low percentile of the positives (p5: 0.26-0.33 on the seeds)
 routes only 88.2% of in-domain queries to the right expert, while the negatives' p75 (0.23-0.27)
 keeps 94.5% of off-topic queries off the experts and routes 93.5% of in-domain queries
-(NOTES.md has the table of rules tried).
+(docs/router.md has the table of rules tried).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ score_e = (1 - w) * mean of the query's top-k similarities among e's exemplars
 
 The kNN half follows domains with several clusters (math has arithmetic, proofs and statistics);
 the centroid half is robust to a stray generated exemplar and to ambiguous single neighbours.
-k=2, w=0.5 won 5-fold cross-validation on the seed exemplars (NOTES.md: 94.6% vs 90.3% for max).
+k=2, w=0.5 won 5-fold cross-validation on the seed exemplars (docs/router.md: 94.6% vs 90.3% for max).
 
 The decision contrasts the best expert with generic off-topic text scored the same way (its
 top-k mean): user questions score lower than seed-like text on every expert, off-topic ones

@@ -56,7 +56,7 @@ class ScoringConfig:
     # Threshold_e = this percentile of the scores the OTHER experts' held-out exemplars get on e
     # (at most a quarter of off-domain exemplars would pass). On the routing sets: p50 keeps
     # 89.0% of off-topic queries on the base model, p75 94.5%, p90 98.9% but routes only 81.4%
-    # of in-domain ones (p75: 93.5%). NOTES.md lists the other rules measured.
+    # of in-domain ones (p75: 93.5%). docs/router.md lists the other rules measured.
     negative_percentile: float = 75.0
     # ... but never below this fraction of the median in-domain held-out score: when domains are
     # far apart their negatives sit at noise level, and p75 of noise would let a quarter of

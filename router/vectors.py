@@ -12,7 +12,7 @@ import numpy as np
 from router.types import RouterError
 
 # Exact search (IndexFlatIP) below this many vectors, HNSW from here on. Measured by
-# `selfspec bench router` on one core, single query, k=64 (NOTES.md): flat vs HNSW ms were
+# `selfspec bench router` on one core, single query, k=64 (docs/router.md): flat vs HNSW ms were
 # 1k 0.04/0.06, 2k 0.11/0.09, 4k 0.23/0.13, 8k 0.44/0.15, 32k 1.82/0.17, HNSW recall@64
 # 0.99-0.98. The crossover is 2k-4k; from 4k HNSW is clearly ahead and flat grows linearly.
 # Four experts x ~110 exemplars (~430 vectors) stay exact, at 0.2 ms next to ~12 ms of encoding.
