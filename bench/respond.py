@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from core.engine import EngineConfig, RespondConfig, ResponseFilterConfig
-from specialize.filter_responses import filter_responses
 from core.jsonl import read_jsonl, write_jsonl
 from core.precision import cpu_isa
+from core.seeds import load_domain, seeds_root
+from specialize.filter_responses import filter_responses
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
-from core.seeds import load_domain, seeds_root
 
 
 def bench_instructions(domain: str, n: int) -> list[dict]:

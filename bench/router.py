@@ -30,10 +30,10 @@ def _one_thread() -> None:
 
 
 def _router(experts_dir: Path, encoder):
+    from core.registry import load_registry
     from router.index import load_router
     from router.route import Router
     from router.seedset import seed_exemplars
-    from core.registry import load_registry
 
     reg = load_registry(experts_dir)
     if reg.experts:

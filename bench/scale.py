@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from specialize.config import FilterConfig, GenerateConfig
 from core.engine import Completion
+from specialize.config import FilterConfig, GenerateConfig
 
 DIM = 384  # the router encoder's width, so the reference matrices have their real shape
 TEMPLATES = (

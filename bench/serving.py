@@ -44,9 +44,9 @@ from core.precision import precision_facts, resolve_dtype
 
 
 def run_serving_bench(args) -> int:
+    from core.registry import load_registry
     from serve.adapters import adapter_dir, plan_engine
     from serve.app import resolve_config
-    from core.registry import load_registry
 
     out = Path(args.out) / "bench_serving.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,10 +226,10 @@ def synthetic_registry(root: Path, domains=("finance", "law")) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from serve.adapters import LINEAR_TARGETS
     from core.base_model import DEFAULT_BASE_MODEL, resolve_base_model
-    from specialize.publish import PublishRequest, publish_expert
     from core.seeds import load_domain
+    from serve.adapters import LINEAR_TARGETS
+    from specialize.publish import PublishRequest, publish_expert
 
     base = resolve_base_model(DEFAULT_BASE_MODEL)
     experts = root / "experts"

@@ -78,9 +78,9 @@ class ChatTokens:
 # ---------------------------------------------------------------- direct vLLM engine
 def plan_direct(experts_dir: Path, want_experts: bool):
     """The server's own engine plan and adapter checks over the registry (no engine yet)."""
+    from core.registry import load_registry
     from serve.adapters import check_adapters, plan_engine
     from serve.config import build_serve_config
-    from core.registry import load_registry
 
     registry = load_registry(experts_dir)
     plan = plan_engine(build_serve_config({"experts_dir": str(experts_dir)}), registry)
@@ -99,9 +99,8 @@ class DirectBackend:
 
     def __init__(self, experts_dir: Path, served: Served, plan, registry, engine_cfg=None,
                  need_router: bool = False):
+        from core.engine import Adapter, EngineConfig, VllmGenerator
         from serve.adapters import adapter_dir, lora_int_id
-        from core.engine import EngineConfig
-        from core.engine import Adapter, VllmGenerator
 
         self.served = served
         self.gains = {n: e.gain for n, e in registry.experts.items()}  # for `route`
@@ -147,8 +146,8 @@ class DirectBackend:
         # The server's chat path routes on the last user turn, then answers with the base model
         # when the chosen expert is not served, or (router.require_gain, the server's default)
         # did not beat the base on its validation split (serve/selection.py): the same here.
-        from serve.config import RouterOptions
         from core.registry import gain_refusal
+        from serve.config import RouterOptions
 
         rule = RouterOptions()
         choices = self.router.route_batch(users)

@@ -47,10 +47,10 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from evaluation.backends import BASE
 from core.eval_formats import CLASSIFY, FORMATS, LETTER, MAX_TOKENS, SHORT, YES_NO, ItemScore
 from core.seeds import EvalItem
 from core.stats import CONFIDENCE, macro_f1_ci, mean_ci, paired_diff
+from evaluation.backends import BASE
 
 SCHEMA_VERSION = 1
 AUTO, MIXED = "auto", "mixed"

@@ -16,8 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from evaluation.backends import BASE, Request, Served
-from evaluation.config import TARGET_GROUPS, EvalConfig
+from core.errors import ConfigError
 from core.eval_formats import (
     FORMATS,
     MAX_TOKENS,
@@ -27,8 +26,9 @@ from core.eval_formats import (
     score_multiple_choice,
     user_text,
 )
-from core.errors import ConfigError
 from core.seeds import EvalItem
+from evaluation.backends import BASE, Request, Served
+from evaluation.config import TARGET_GROUPS, EvalConfig
 
 log = logging.getLogger(__name__)
 

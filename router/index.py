@@ -27,9 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from core.encoder import Encoder, canonical_name, load_encoder
-from router.route import Router
-from router.types import RouterError, ScoringConfig
-from router.vectors import index_kind, read_index, write_index
 from core.registry import Registry, load_registry, utcnow
 from core.router_index import (
     INDEX_FORMAT,
@@ -39,6 +36,9 @@ from core.router_index import (
     router_dir,
     write_meta,
 )
+from router.route import Router
+from router.types import RouterError, ScoringConfig
+from router.vectors import index_kind, read_index, write_index
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from router.calibrate import calibrate
 from core.encoder import Encoder, load_encoder
+from router.calibrate import calibrate
 from router.scoring import centroids, decide, expert_scores, offtopic_scores, search_k
 from router.types import RouteChoice, RouterError, ScoringConfig
 from router.vectors import build_faiss_index, index_contents, index_kind, search

@@ -55,8 +55,8 @@ def _up_parser(sub) -> None:
 
 
 def run_up(args) -> int:
-    from serve.app import refuse_open_exposure, resolve_config
     from selfspec.up import run_up as up
+    from serve.app import refuse_open_exposure, resolve_config
 
     settings = deploy_settings(args.config)
     cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,

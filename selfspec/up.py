@@ -88,13 +88,13 @@ def served_models(url: str, api_key: str | None) -> list[str] | None:
 
 
 def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
-    from serve.cli import _health, ready_message, start_serving
     from core.base_model import BUILTIN, cache_root, resolve_base_model
     from core.build_status import clear_build_status
     from core.console import console
-    from specialize.progress import continue_command, kept_summary
     from core.registry import load_registry
     from core.seeds import available_domains, load_domain
+    from serve.cli import _health, ready_message, start_serving
+    from specialize.progress import continue_command, kept_summary
 
     wanted = args.domains or available_domains()
     for d in wanted:

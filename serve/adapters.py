@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.config import ServeConfig
-from core.lora import VLLM_LORA_RANKS
 from core.errors import SelfspecError
+from core.lora import VLLM_LORA_RANKS
 from core.registry import ExpertEntry, Registry
+from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from serve.config import ServeConfig, build_serve_config
 from core.registry import load_registry
+from serve.config import ServeConfig, build_serve_config
 
 log = logging.getLogger(__name__)
 

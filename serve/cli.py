@@ -159,9 +159,9 @@ def start_serving(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
     import ray
     from ray import serve
 
-    from serve.app import build_app
     from core.console import console
     from core.errors import SelfspecError
+    from serve.app import build_app
 
     server = Server(name, own_ray=not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"))
     what = f"{experts} expert(s)" if experts else "the base model"

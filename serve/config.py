@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from core.lora import VLLM_LORA_RANKS
 from core.errors import ConfigError
+from core.lora import VLLM_LORA_RANKS
 from core.precision import Dtype
 
 API_KEY_ENV = "SELFSPEC_API_KEY"

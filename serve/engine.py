@@ -19,12 +19,12 @@ from pathlib import Path
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from core.registry import ExpertEntry
 from serve.adapters import adapter_dir, adapter_signature, check_adapters, plan_engine
 from serve.clients import Answer, EngineItem
 from serve.config import build_serve_config
 from serve.errors import UnknownModelError
 from serve.watch import RegistryFollower, RetrySchedule, start_watch
-from core.registry import ExpertEntry
 
 log = logging.getLogger(__name__)
 

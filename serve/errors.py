@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from router.types import RouterError
 from core.errors import (
     AdapterError,
     ConfigError,
@@ -20,6 +19,7 @@ from core.errors import (
     RegistryError,
     SelfspecError,
 )
+from router.types import RouterError
 
 log = logging.getLogger(__name__)
 

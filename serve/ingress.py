@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from core.build_status import describe_in_progress, read_build_status
+from core.errors import SelfspecError
 from serve.clients import (
     Chunk,
     EngineClient,
@@ -49,8 +51,6 @@ from serve.protocol import (
 )
 from serve.selection import AUTO, BASE, Selector
 from serve.watch import board_actor, broadcast_reload, replica_identity
-from core.build_status import describe_in_progress, read_build_status
-from core.errors import SelfspecError
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import re
 import time
 from dataclasses import dataclass
 
+from core.registry import GainInfo, gain_refusal
 from serve.clients import EngineClient, RouterClient
 from serve.errors import InvalidRequestError, UnknownModelError
-from core.registry import GainInfo, gain_refusal
 
 AUTO, BASE = "auto", "base"
 CATALOG_TTL_S = 5.0

@@ -17,12 +17,12 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from core.precision import precision_facts, resolve_dtype
+from core.registry import ExpertEntry
 from serve.adapters import EnginePlan, lora_int_id
 from serve.clients import Answer, Chunk, EngineItem, Usage
 from serve.config import ServeConfig
 from serve.errors import EngineRequestError
-from core.precision import precision_facts, resolve_dtype
-from core.registry import ExpertEntry
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from core.engine import build_vllm_generator
+from core.errors import ConfigError
+from core.jsonl import read_jsonl, write_json
+from core.seeds import Domain, load_domain
 from specialize.ablation_config import (  # noqa: F401 - SETTINGS re-exported for callers
     SETTINGS,
     AblationConfig,
@@ -35,9 +39,6 @@ from specialize.ablation_config import (  # noqa: F401 - SETTINGS re-exported fo
     resolve_setting,
 )
 from specialize.config import SpecializeConfig, build_config
-from core.engine import build_vllm_generator
-from core.errors import ConfigError
-from core.jsonl import read_jsonl, write_json
 from specialize.quality import (
     build_reference,
     load_default_encoder,
@@ -45,7 +46,6 @@ from specialize.quality import (
     task_text,
     wellformed_verdict,
 )
-from core.seeds import Domain, load_domain
 
 
 def setting_config(acfg: AblationConfig, name: str) -> SpecializeConfig:

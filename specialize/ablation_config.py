@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator
 
-from specialize.config import FilterConfig, _Config
 from core.errors import ConfigError
+from specialize.config import FilterConfig, _Config
 
 # Each setting changes one thing; "paper" pins the values the others are measured against, so a
 # report stays comparable after the defaults move.

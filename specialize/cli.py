@@ -10,9 +10,9 @@ import functools
 import sys
 from pathlib import Path
 
-from specialize.config import STAGES
 from core.console import console, interrupt_line
 from core.precision import DTYPES
+from specialize.config import STAGES
 
 
 def _specialize_parser(sub) -> None:
@@ -114,9 +114,9 @@ def _specialize_parser(sub) -> None:
 
 def _run_specialize(args) -> int:
     from core.errors import ConfigError
+    from core.seeds import available_domains
     from specialize.config import resolve_config
     from specialize.pipeline import format_summary
-    from core.seeds import available_domains
 
     if args.all == bool(args.domains):
         raise ConfigError("name the domains to specialize, or pass --all (not both); "
@@ -385,8 +385,8 @@ def _run_experts_rollback(args) -> int:
 
 
 def _run_experts_remove(args) -> int:
-    from specialize.manage import remove_expert
     from core.registry import load_registry
+    from specialize.manage import remove_expert
 
     change = remove_expert(args.experts_dir, args.name, force=args.force)
     if load_registry(args.experts_dir).experts:

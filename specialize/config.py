@@ -18,6 +18,7 @@ from core.engine import EngineConfig
 from core.errors import ConfigError
 from core.lora import VLLM_LORA_RANKS
 
+
 def _servable(rank: int) -> int:
     if rank not in VLLM_LORA_RANKS:
         raise ValueError(f"rank {rank} is not one vLLM can serve; use one of "

@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 from core.jsonl import read_jsonl, write_json
-from specialize.quality import build_reference, seed_verbs, task_text, wellformed_verdict
 from core.seeds import Domain
+from specialize.quality import build_reference, seed_verbs, task_text, wellformed_verdict
 
 CARD_JSON, CARD_MD = "data_card.json", "data_card.md"
 EXAMPLES = 10

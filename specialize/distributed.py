@@ -34,12 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 
 from core.base_model import resolve_base_model
-from specialize.config import SpecializeConfig
 from core.engine import build_vllm_generator
 from core.errors import ConfigError, SelfspecError
+from core.seeds import Domain, load_domain
+from specialize.config import SpecializeConfig
 from specialize.pipeline import check_encoder
 from specialize.publish import ensure_writable
-from core.seeds import Domain, load_domain
 from specialize.shards import (
     finish_sharded,
     prepare_shards,

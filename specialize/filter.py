@@ -18,9 +18,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from specialize.config import FilterConfig
 from core.errors import ConfigError
 from core.jsonl import read_jsonl, write_json, write_jsonl
+from core.rouge import RougeIndex, tokenize
+from core.seeds import Domain
+from specialize.config import FilterConfig
 from specialize.prompts import Task
 from specialize.quality import (
     TASK_VERBS,
@@ -33,8 +35,6 @@ from specialize.quality import (
     task_text,
     wellformed_verdict,
 )
-from core.rouge import RougeIndex, tokenize
-from core.seeds import Domain
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from specialize.config import ResponseFilterConfig
 from core.jsonl import read_jsonl, write_json, write_jsonl
 from core.rouge import tokenize
+from specialize.config import ResponseFilterConfig
 
 
 def response_verdict(row: dict, cfg: ResponseFilterConfig) -> tuple[str | None, str]:

@@ -25,8 +25,8 @@ import logging
 import math
 from collections import defaultdict
 
-from specialize.config import GainConfig
 from core.seeds import Domain, EvalItem, load_jsonl
+from specialize.config import GainConfig
 
 log = logging.getLogger(__name__)
 

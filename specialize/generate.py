@@ -19,10 +19,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from specialize.config import GenerateConfig
 from core.engine import Generator, Sampling
-from specialize.filter import InstructionFilter
 from core.jsonl import append_jsonl, resume_jsonl, write_json
+from core.seeds import Domain
+from specialize.config import GenerateConfig
+from specialize.filter import InstructionFilter
 from specialize.prompts import (
     Focus,
     Task,
@@ -34,7 +35,6 @@ from specialize.prompts import (
     subtopics,
 )
 from specialize.retrieve import load_passages
-from core.seeds import Domain
 
 
 def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: InstructionFilter,

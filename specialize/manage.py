@@ -28,7 +28,6 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from specialize.datacard import CARD_MD
 from core.errors import (
     AdapterError,
     ConfigError,
@@ -37,8 +36,6 @@ from core.errors import (
     SeedError,
 )
 from core.jsonl import write_json
-from specialize.publish import _point_symlink as point_symlink
-from specialize.publish import ensure_writable
 from core.registry import (
     ExpertEntry,
     LoraInfo,
@@ -52,6 +49,9 @@ from core.registry import (
     version_dirs,
 )
 from core.seeds import SeedFile
+from specialize.datacard import CARD_MD
+from specialize.publish import _point_symlink as point_symlink
+from specialize.publish import ensure_writable
 
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's default, the least a server asks for (serve/adapters.py)
 # The router calibrates each expert's threshold on 5 folds of held-out exemplars

@@ -20,23 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.base_model import resolve_base_model
-from specialize.config import STAGES, SpecializeConfig
-from specialize.datacard import build_data_card, write_data_card
 from core.engine import Adapter, Generator, build_vllm_generator
 from core.errors import ConfigError
+from core.jsonl import write_json
+from core.lora import validate_adapter
+from core.registry import ExpertEntry, GainInfo, load_registry
+from core.seeds import Domain, load_domain
+from specialize.config import STAGES, SpecializeConfig
+from specialize.datacard import build_data_card, write_data_card
 from specialize.filter import build_filter, filter_instructions
 from specialize.filter_responses import filter_responses
 from specialize.gain import VALIDATION_FILE, load_validation
 from specialize.generate import generate_instructions
-from core.jsonl import write_json
 from specialize.publish import PublishRequest, ensure_writable, publish_expert
-from core.registry import ExpertEntry, GainInfo, load_registry
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
-from core.seeds import Domain, load_domain
 from specialize.train import train_adapter
 from specialize.train_workers import train_adapter_on_workers
-from core.lora import validate_adapter
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from specialize.config import RespondConfig
 from core.engine import Adapter, Generator, Sampling
 from core.jsonl import append_jsonl, read_jsonl, resume_jsonl, write_json
+from core.seeds import Domain
+from specialize.config import RespondConfig
 from specialize.prompts import (
     RESPONSE_STOP,
     Task,
@@ -27,7 +28,6 @@ from specialize.prompts import (
     user_message,
 )
 from specialize.retrieve import Retriever
-from core.seeds import Domain
 
 
 def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator, workdir: Path,

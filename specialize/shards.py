@@ -19,9 +19,10 @@ import socket
 from pathlib import Path
 
 from core.base_model import resolve_base_model
-from specialize.config import SpecializeConfig
 from core.errors import ConfigError
 from core.jsonl import read_jsonl, write_json, write_jsonl
+from core.seeds import load_domain
+from specialize.config import SpecializeConfig
 from specialize.pipeline import (
     filter_answers,
     prepare_run,
@@ -30,7 +31,6 @@ from specialize.pipeline import (
     write_instructions,
 )
 from specialize.respond import generate_responses
-from core.seeds import load_domain
 
 
 def run_domain(domain_path: str, cfg: SpecializeConfig, make_generator, probe: Path,

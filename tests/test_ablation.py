@@ -10,18 +10,18 @@ import re
 import numpy as np
 import pytest
 
+from core.engine import Completion
+from core.errors import ConfigError
+from core.seeds import load_domain
+from selfspec.cli import main
 from specialize.ablation import (
     build_ablation_config,
     format_report,
     resolve_setting,
     run_ablation,
 )
-from selfspec.cli import main
 from specialize.config import FilterConfig
 from specialize.datacard import build_data_card
-from core.engine import Completion
-from core.errors import ConfigError
-from core.seeds import load_domain
 from tests.conftest import FakeGenerator, seeds_dir
 
 AXES = ("alpha", "beta")

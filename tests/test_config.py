@@ -1,7 +1,7 @@
 import pytest
 
-from specialize.config import build_config
 from core.errors import ConfigError
+from specialize.config import build_config
 
 
 def test_defaults_are_valid_and_sized_for_cpu():

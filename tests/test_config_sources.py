@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from specialize import pipeline
 from selfspec.cli import build_parser, main
+from specialize import pipeline
 from specialize.cli import CONFIG_FLAGS, flag_settings
 from specialize.config import SpecializeConfig, resolve_config
 from tests.conftest import write_domain

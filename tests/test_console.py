@@ -323,8 +323,8 @@ def test_health_and_models_say_which_experts_are_being_made(tmp_path):
 def test_up_shows_the_childs_progress_and_each_expert_the_server_gains(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from selfspec import up
     from core.console import console
+    from selfspec import up
 
     write_build_status(tmp_path, BuildStatus(domains={
         "law": DomainProgress(state="running", stage="respond", done=3, total=8, eta_s=20.0),

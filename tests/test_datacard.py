@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from specialize.config import build_config
-from specialize.datacard import build_data_card, format_data_card, write_data_card
 from core.jsonl import read_jsonl, write_jsonl
-from specialize.pipeline import specialize
 from core.registry import load_registry
 from core.seeds import load_domain
+from specialize.config import build_config
+from specialize.datacard import build_data_card, format_data_card, write_data_card
+from specialize.pipeline import specialize
 from tests.conftest import FakeGenerator, seeds_dir
 
 
@@ -157,8 +157,8 @@ def test_stop_after_previews_and_resumes(tmp_path, seeds, base, no_encoder):
 
 
 def test_unknown_stage_is_one_line_exit_2(tmp_path, seeds, base, capsys):
-    from selfspec.cli import main
     from core.errors import ConfigError
+    from selfspec.cli import main
 
     with pytest.raises(ConfigError, match="--stop-after 'teach' is no stage; use one of "
                                           "generate, filter, respond, filter_responses, train"):

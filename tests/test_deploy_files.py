@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.config import build_serve_config
 from core.errors import ConfigError
 from core.registry import write_registry
+from serve.config import build_serve_config
 from tests.conftest import REPO
 from tests.test_serve_config import entry, registry
 

@@ -8,8 +8,11 @@ import json
 
 import pytest
 
-from specialize import distributed
+from core.errors import ConfigError, RegistryError, SeedError, UnknownDomainError
+from core.jsonl import read_jsonl
+from core.seeds import load_domain
 from selfspec.cli import main
+from specialize import distributed
 from specialize.config import build_config
 from specialize.distributed import (
     Outcome,
@@ -21,10 +24,7 @@ from specialize.distributed import (
     resolve_resources,
     specialize_distributed,
 )
-from core.errors import ConfigError, RegistryError, SeedError, UnknownDomainError
-from core.jsonl import read_jsonl
 from specialize.respond import generate_responses
-from core.seeds import load_domain
 from specialize.shards import check_shared, merge_shards, prepare_shards, respond_shard
 from tests.conftest import FakeGenerator, seeds_dir
 

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from evaluation.backends import Result, Served
-from evaluation.config import build_eval_config
+from core.errors import ConfigError
 from core.eval_formats import (
     first_line,
     letter_text,
@@ -20,12 +19,13 @@ from core.eval_formats import (
     score_multiple_choice,
     user_text,
 )
+from core.seeds import EvalItem, load_domain
+from core.stats import macro_f1, macro_f1_ci, mean_ci, paired_diff
+from evaluation.backends import Result, Served
+from evaluation.config import build_eval_config
 from evaluation.report import format_table, write_outputs
 from evaluation.run import evaluate, limit_items
-from core.stats import macro_f1, macro_f1_ci, mean_ci, paired_diff
 from selfspec.cli import main
-from core.errors import ConfigError
-from core.seeds import EvalItem, load_domain
 
 
 def item(**kw) -> EvalItem:

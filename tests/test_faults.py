@@ -21,13 +21,13 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from core.jsonl import append_jsonl, read_jsonl, resume_jsonl
+from core.registry import load_registry, write_registry
 from router.index import load_router, read_meta
 from serve.clients import Usage
 from serve.config import build_serve_config
 from serve.ingress import Service, build_http_app
 from serve.watch import RetrySchedule
-from core.jsonl import append_jsonl, read_jsonl, resume_jsonl
-from core.registry import load_registry, write_registry
 from tests import test_router
 from tests.test_router import two_experts, write_reg
 from tests.test_serve import FakeEngine, FakeRouter, ask, oai
@@ -587,9 +587,9 @@ def test_resume_after_a_kill_between_publish_and_cleanup_does_not_republish(
 # --- 11. exposure: no open server beyond this machine by accident ------------------------------
 
 def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path, monkeypatch):
+    from core.errors import ConfigError
     from serve.app import refuse_open_exposure
     from serve.config import build_serve_config
-    from core.errors import ConfigError
 
     monkeypatch.delenv("SELFSPEC_API_KEY", raising=False)
     open_cfg = build_serve_config({})
@@ -615,8 +615,8 @@ def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path, monkeypatch)
 def test_api_key_from_a_file(tmp_path):
     from argparse import Namespace
 
-    from serve.cli import cli_api_key
     from core.errors import ConfigError
+    from serve.cli import cli_api_key
 
     key = tmp_path / "key"
     key.write_text("sk-from-file\n")

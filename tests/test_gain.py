@@ -11,6 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from core.registry import GainInfo
+from core.seeds import EvalItem, load_domain
 from specialize.config import GainConfig, TrainConfig
 from specialize.gain import (
     chat_ids,
@@ -19,8 +21,6 @@ from specialize.gain import (
     measure_gain,
     score_items,
 )
-from core.registry import GainInfo
-from core.seeds import EvalItem, load_domain
 from tests.conftest import write_domain
 
 QUESTIONS = [

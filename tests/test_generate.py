@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from core.jsonl import append_jsonl, read_jsonl
+from core.seeds import load_domain
 from specialize.config import FilterConfig, GenerateConfig, RespondConfig
 from specialize.filter import build_filter, filter_instructions
 from specialize.generate import generate_instructions
-from core.jsonl import append_jsonl, read_jsonl
 from specialize.respond import generate_responses
-from core.seeds import load_domain
 from tests.conftest import FakeGenerator, write_domain
 
 # The rule filters only: the fake's "Explain t1w0 ... clearly" is no real task, and it has no

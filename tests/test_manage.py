@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import selfspec.cli
-from selfspec.cli import main
 from core.errors import AdapterError, ExpertNotFoundError, RegistryError
+from core.registry import GainInfo, load_registry, write_registry
+from selfspec.cli import main
 from specialize.manage import (
     _model_name,
     add_expert,
@@ -23,7 +24,6 @@ from specialize.manage import (
     remove_expert,
     rollback_expert,
 )
-from core.registry import GainInfo, load_registry, write_registry
 from tests.conftest import write_domain
 
 # (out, in) of each base weight the fake adapters adapt.

@@ -57,9 +57,9 @@ def test_cpu_isa_reads_this_machine():
 
 
 def test_configs_validate_dtype():
-    from serve.config import build_serve_config
     from core.engine import EngineConfig
     from core.errors import ConfigError
+    from serve.config import build_serve_config
 
     assert EngineConfig(dtype="float32").dtype == "float32"
     with pytest.raises(ValueError):

@@ -9,6 +9,7 @@ import math
 import pytest
 import yaml
 
+from core.seeds import available_domains, load_domain
 from specialize.config import FilterConfig
 from specialize.filter import InstructionFilter, build_filter
 from specialize.prompts import Task
@@ -22,7 +23,6 @@ from specialize.quality import (
     seed_verbs,
     wellformed_verdict,
 )
-from core.seeds import available_domains, load_domain
 
 # Kept by the old filter in a biomedicine run (issue 16).
 ISSUE_16 = {

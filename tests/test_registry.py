@@ -7,9 +7,9 @@ import pytest
 
 import specialize.publish as publish_mod
 from core.errors import RegistryError
-from specialize.publish import PublishRequest, ensure_writable, publish_expert
 from core.registry import REGISTRY_FILE, load_registry, read_version, version_dirs
 from core.seeds import load_domain
+from specialize.publish import PublishRequest, ensure_writable, publish_expert
 from tests.conftest import write_domain
 
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from router.types import RouteChoice
-from serve.config import build_serve_config
 from core.errors import RegistryError
 from core.registry import GainInfo, gain_refusal, load_registry
+from router.types import RouteChoice
+from serve.config import build_serve_config
 from tests.test_serve import ask, make
 
 HELPS = {"metric": "validation_score", "expert": 0.45, "base": 0.38, "diff": 0.07,
@@ -147,8 +147,8 @@ def test_the_gain_round_trips(tmp_path):
 
 
 def test_publish_stores_the_measured_gain(tmp_path):
-    from specialize.publish import PublishRequest, publish_expert
     from core.seeds import load_domain
+    from specialize.publish import PublishRequest, publish_expert
     from tests.conftest import write_domain
     from tests.test_registry import fake_work
 

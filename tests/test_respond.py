@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from specialize.config import RespondConfig
 from core.engine import Completion
 from core.jsonl import append_jsonl, read_jsonl
-from specialize.respond import generate_responses
 from core.seeds import load_domain
+from specialize.config import RespondConfig
+from specialize.respond import generate_responses
 from tests.conftest import write_domain
 
 

@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from specialize.config import build_config
 from core.errors import ConfigError
 from core.jsonl import read_jsonl
+from specialize.config import build_config
 from specialize.pipeline import specialize
 from specialize.retrieve import Retriever, build_retriever, load_passages
 from tests.conftest import FakeGenerator, seeds_dir

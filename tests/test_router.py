@@ -14,14 +14,6 @@ import pytest
 
 import router.index as index_mod
 from bench.router_baseline import TfidfCentroid
-from router.evaluate import evaluate, format_report, summarize, sweep
-from router.index import ensure_index, load_router, read_meta
-from router.offtopic import OFF_TOPIC
-from router.route import Router
-from router.scoring import decide, expert_scores
-from router.types import RouteChoice, RouterError, ScoringConfig
-from router.vectors import choose_kind, index_kind
-from selfspec.cli import main
 from core.registry import (
     ExpertEntry,
     LoraInfo,
@@ -31,6 +23,14 @@ from core.registry import (
     utcnow,
     write_registry,
 )
+from router.evaluate import evaluate, format_report, summarize, sweep
+from router.index import ensure_index, load_router, read_meta
+from router.offtopic import OFF_TOPIC
+from router.route import Router
+from router.scoring import decide, expert_scores
+from router.types import RouteChoice, RouterError, ScoringConfig
+from router.vectors import choose_kind, index_kind
+from selfspec.cli import main
 
 AXES = {"law": 0, "math": 1, "cook": 2}
 

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from core.rouge import RougeIndex
 from router.offtopic import OFF_TOPIC
 from router.seedset import (
     STYLES,
@@ -17,7 +18,6 @@ from router.seedset import (
     seed_exemplars,
     user_routing_files,
 )
-from core.rouge import RougeIndex
 
 CLASSES = {"biomedicine", "finance", "law", "math", "none"}
 NEAR_COPY = 0.7  # ROUGE-L F1, the bound seeds/README.md sets for eval and routing items

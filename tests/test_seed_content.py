@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from specialize.checks import evaluate, final_answer, matches
 from core.rouge import RougeIndex
 from core.seeds import RoutingItem, available_domains, load_domain, load_jsonl, seeds_root
+from specialize.checks import evaluate, final_answer, matches
 
 DOMAINS = ["biomedicine", "finance", "law", "math"]
 
@@ -89,8 +89,8 @@ def test_validation_split_is_apart_from_everything_else(domain):
     """seeds/<domain>/validation.jsonl decides which experts `auto` routes to (specialize/gain.py):
     scored by likelihood (multiple choice and yes/no only), balanced, and no reworded copy of a
     seed, an eval item (the reported numbers), a routing query or another validation item."""
-    from specialize.gain import SCORED, VALIDATION_FILE
     from core.seeds import EvalItem
+    from specialize.gain import SCORED, VALIDATION_FILE
 
     items = load_jsonl(domain.root / VALIDATION_FILE, EvalItem)
     assert len(items) >= 60 and {e.type for e in items} <= set(SCORED)

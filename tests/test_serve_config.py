@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.errors import ConfigError, ExpertNotFoundError, RegistryError
+from core.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 from serve.adapters import lora_int_id, plan_engine, round_up_rank
 from serve.config import build_serve_config
 from serve.errors import InvalidRequestError, PayloadTooLargeError, UnknownModelError, map_exception
 from serve.watch import RegistryWatch
-from core.errors import ConfigError, ExpertNotFoundError, RegistryError
-from core.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 from tests.conftest import REPO
 
 # Serve configs; kuberay.yaml and cluster-launcher.yaml wrap them (tests/test_deploy_files.py).

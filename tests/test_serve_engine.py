@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from core.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 from router.types import RouteChoice, RouterError
 from serve.clients import Answer, Usage
 from serve.engine import EngineServer
 from serve.errors import UnknownModelError, map_exception
 from serve.router_deployment import RouterServer
-from core.registry import ExpertEntry, LoraInfo, Registry, TrainInfo, utcnow, write_registry
 
 
 class FakeBackend:

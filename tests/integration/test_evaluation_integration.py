@@ -146,9 +146,9 @@ def test_lm_eval_local_completions_against_the_endpoint(serve_app, tiny_model, t
     # lm-eval scored what `selfspec eval` scores: the same items and options; its log-likelihoods
     # differ from ours only by the prompt's trailing newline it moves into every option (the same
     # constant for each option of an item), so acc agrees item by item.
+    from core.seeds import load_domain
     from evaluation.backends import HttpBackend, probe_endpoint
     from evaluation.run import _requests, _score
-    from core.seeds import load_domain
 
     items = [it for it in load_domain("finance").eval_items if it.type == "multiple_choice"][:4]
     backend = HttpBackend(probe_endpoint(url, SERVE_API_KEY), SERVE_API_KEY, str(tiny_model))

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from core.encoder import DEFAULT_ENCODER, MemoEncoder, SentenceTransformerEncoder
+from core.errors import EncoderError
+from core.registry import load_registry
 from router.evaluate import evaluate
 from router.index import ensure_index, load_router, read_meta
 from router.seedset import load_routing, routing_files, write_seed_registry
-from core.errors import EncoderError
 from router.types import RouterError
 from selfspec.cli import main
-from core.registry import load_registry
 
 pytestmark = pytest.mark.integration
 

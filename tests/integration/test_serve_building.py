@@ -34,8 +34,8 @@ def wait_for(check, what: str, timeout_s: float = 120.0):
 
 def test_expert_in_progress_then_served_once_published(serve_app, tiny_model, tmp_path):
     from core.console import Console
-    from specialize.progress import ProgressMonitor
     from core.registry import load_registry, locked, write_registry
+    from specialize.progress import ProgressMonitor
     from tests.integration.tiny_experts import publish_tiny_expert
 
     url, experts = serve_app

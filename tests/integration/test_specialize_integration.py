@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from specialize.config import build_config
 from core.jsonl import read_jsonl
-from specialize.pipeline import specialize
 from core.registry import load_registry
 from core.rouge import rouge_l
+from specialize.config import build_config
+from specialize.pipeline import specialize
 
 pytestmark = pytest.mark.integration
 
@@ -72,9 +72,9 @@ def test_pipeline_publishes_a_complete_expert(published, tiny_model):
     assert not (experts / ".work" / "math").exists()  # work dir cleaned after publish
     assert results[0]["kept_instructions"] == 8
     # the published adapter (round 2) scored against the base on seeds/math/validation.jsonl
+    from core.seeds import load_domain
     from specialize.config import GainConfig
     from specialize.gain import load_validation
-    from core.seeds import load_domain
     assert entry.gain is not None and results[0]["gain"] == entry.gain.model_dump()
     assert entry.gain.n == len(load_validation(load_domain("math"), GainConfig()))
     loss = json.loads((version / "loss.json").read_text())

@@ -41,8 +41,8 @@ TINY_GAINS = {"finance": {"metric": "validation_score", "expert": 0.5, "base": 0
 def publish_tiny_expert(experts_dir: Path, base: Path, domain_name: str, seed: int,
                         work: Path, description: str | None = None, rank: int = 8,
                         gain: dict | None = None):
-    from specialize.publish import PublishRequest, publish_expert
     from core.seeds import load_domain
+    from specialize.publish import PublishRequest, publish_expert
 
     domain = load_domain(domain_name)
     if description:
