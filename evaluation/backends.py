@@ -25,9 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.engine import TokenRequest
+from core.engine import Adapter, EngineConfig, TokenRequest, VllmGenerator
 from core.errors import SelfspecError
 from core.precision import precision_facts
+from core.registry import gain_refusal, load_registry
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ class ChatTokens:
 # ---------------------------------------------------------------- direct vLLM engine
 def plan_direct(experts_dir: Path, want_experts: bool):
     """The server's own engine plan and adapter checks over the registry (no engine yet)."""
-    from core.registry import load_registry
     from serve.adapters import check_adapters, plan_engine
     from serve.config import build_serve_config
 
@@ -99,7 +99,6 @@ class DirectBackend:
 
     def __init__(self, experts_dir: Path, served: Served, plan, registry, engine_cfg=None,
                  need_router: bool = False):
-        from core.engine import Adapter, EngineConfig, VllmGenerator
         from serve.adapters import adapter_dir, lora_int_id
 
         self.served = served
@@ -146,7 +145,6 @@ class DirectBackend:
         # The server's chat path routes on the last user turn, then answers with the base model
         # when the chosen expert is not served, or (router.require_gain, the server's default)
         # did not beat the base on its validation split (serve/selection.py): the same here.
-        from core.registry import gain_refusal
         from serve.config import RouterOptions
 
         rule = RouterOptions()

@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from core.engine import EngineConfig
 from core.errors import ConfigError
 from core.eval_formats import (
     FORMATS,
@@ -26,9 +27,10 @@ from core.eval_formats import (
     score_multiple_choice,
     user_text,
 )
-from core.seeds import EvalItem
+from core.seeds import EvalItem, available_domains, load_domain
 from evaluation.backends import BASE, Request, Served
 from evaluation.config import TARGET_GROUPS, EvalConfig
+from evaluation.report import build_report
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,6 @@ def limit_items(items: list[EvalItem], n: int | None) -> list[EvalItem]:
 
 
 def _load_domains(cfg: EvalConfig) -> dict[str, list[EvalItem]]:
-    from core.seeds import available_domains, load_domain
-
     names = cfg.domains or [d for d in available_domains()
                             if load_domain(d).eval_path.is_file()]
     if not names:
@@ -129,8 +129,6 @@ def open_backend(plan: EvalPlan):
     cfg = plan.cfg
     if cfg.endpoint:
         return HttpBackend(plan.served, cfg.api_key, _tokenizer_path(plan), cfg.concurrency)
-    from core.engine import EngineConfig
-
     engine_plan, registry = plan.direct
     return DirectBackend(cfg.experts_dir, plan.served, engine_plan, registry,
                          EngineConfig(max_model_len=cfg.max_model_len,
@@ -186,8 +184,6 @@ def _auto_score(main: tuple[ItemScore, dict], letter: tuple[ItemScore, dict]) ->
 def evaluate(cfg: EvalConfig, backend_factory=open_backend, progress=None) -> tuple[dict, list]:
     """-> (report, per-item rows). `backend_factory(plan)` is injectable (unit tests)."""
     from tqdm.auto import tqdm
-
-    from evaluation.report import build_report
 
     plan = prepare(cfg)
     items = [(d, it) for d, its in plan.domains.items() for it in its]

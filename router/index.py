@@ -36,17 +36,16 @@ from core.router_index import (
     router_dir,
     write_meta,
 )
+from router.offtopic import OFF_TOPIC
 from router.route import Router
 from router.types import RouterError, ScoringConfig
-from router.vectors import index_kind, read_index, write_index
+from router.vectors import HNSW_MIN_VECTORS, index_kind, read_index, write_index
 
 log = logging.getLogger(__name__)
 
 
 def fingerprint(registry: Registry) -> str:
     """What the index depends on; catches a hand-edited registry whose revision did not move."""
-    from router.offtopic import OFF_TOPIC
-
     parts = [(n, e.version, e.description, e.exemplars)
              for n, e in sorted(registry.experts.items())]
     # the off-topic text is indexed too: editing it must rebuild the index
@@ -178,8 +177,6 @@ def _build(experts_dir: Path, registry: Registry, encoder) -> Router:
 
 
 def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -> None:
-    from router.vectors import HNSW_MIN_VECTORS
-
     build = f"r{registry.revision}-{uuid.uuid4().hex[:8]}"
     index_file = f"index-{build}.faiss"
     tmp = folder / f".{index_file}.tmp"

@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from core.encoder import Encoder, load_encoder
+from core.registry import load_registry
 from router.calibrate import calibrate
+from router.offtopic import OFF_TOPIC
 from router.scoring import centroids, decide, expert_scores, offtopic_scores, search_k
 from router.types import RouteChoice, RouterError, ScoringConfig
 from router.vectors import build_faiss_index, index_contents, index_kind, search
@@ -60,8 +62,6 @@ class Router:
         kind: "auto" (exact below vectors.HNSW_MIN_VECTORS, HNSW above), "flat" or "hnsw".
         offtopic: generic text for the contrast (None: router/offtopic.py; () or a
         cfg.offtopic_margin of None: no contrast, thresholds alone)."""
-        from router.offtopic import OFF_TOPIC
-
         encoder = load_encoder(encoder)
         cfg = cfg or ScoringConfig()
         names = sorted(exemplars)
@@ -157,7 +157,6 @@ class Router:
 
     def is_stale(self) -> bool:
         """True when the registry this router was loaded from has been published to since."""
-        from core.registry import load_registry
         where = self.info.get("experts_dir")
         return where is not None and \
             load_registry(where).revision != self.info.get("registry_revision")

@@ -26,6 +26,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from core.base_model import BUILTIN, cache_root, resolve_base_model
+from core.build_status import clear_build_status, read_build_status
+from core.console import console
+from core.registry import load_registry
+from core.seeds import available_domains, load_domain
+from specialize.progress import continue_command, format_progress, kept_summary
+
 # The child's CPU priority: serving answers first, specialization takes the idle cycles.
 NICENESS = 10
 # How long a child gets to exit after SIGINT before its process group is killed. Its files are
@@ -88,14 +95,7 @@ def served_models(url: str, api_key: str | None) -> list[str] | None:
 
 
 def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
-    from core.base_model import BUILTIN, cache_root, resolve_base_model
-    from core.build_status import clear_build_status
-    from core.console import console
-    from core.registry import load_registry
-    from core.seeds import available_domains, load_domain
     from serve.cli import _health, ready_message, start_serving
-    from specialize.progress import continue_command, kept_summary
-
     wanted = args.domains or available_domains()
     for d in wanted:
         load_domain(d)  # an unknown domain or a broken seed file fails now, not in the child
@@ -154,10 +154,6 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
 
 def watch_child(child: subprocess.Popen, cfg, url: str | None, domains: list[str]) -> int:
     """Progress on the console until the child ends; one line per expert the server gains."""
-    from core.build_status import read_build_status
-    from core.console import console
-    from specialize.progress import format_progress
-
     announced: set[str] = set()
     last_check = 0.0
     while child.poll() is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from core.errors import ConfigError
 from core.registry import load_registry
 from serve.config import ServeConfig, build_serve_config
 
@@ -32,8 +33,6 @@ def resolve_config(args: dict | ServeConfig | None = None, **overrides) -> Serve
 def require_experts_dir(cfg: ServeConfig) -> None:
     """Refuse an experts dir that does not exist: a typo would otherwise start Ray and vLLM and
     serve the base model only. (A dir without registry.json is a fresh one, and fine.)"""
-    from core.errors import ConfigError
-
     if not cfg.experts_dir.is_dir():
         raise ConfigError(f"the experts dir {cfg.experts_dir} does not exist: pass --experts-dir "
                           "with the folder `selfspec specialize` published to, or run "
@@ -46,8 +45,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def refuse_open_exposure(host: str, cfg: ServeConfig, insecure_no_auth: bool) -> None:
     """Binding beyond this machine with no API key lets anyone on the network use the engine
     and the admin routes: refused unless asked for in so many words."""
-    from core.errors import ConfigError
-
     if host not in LOOPBACK and not cfg.resolved_api_key() and not insecure_no_auth:
         raise ConfigError(f"--host {host} serves beyond this machine with no API key: pass "
                           "--api-key-file FILE (or set $SELFSPEC_API_KEY), or "
@@ -56,8 +53,6 @@ def refuse_open_exposure(host: str, cfg: ServeConfig, insecure_no_auth: bool) ->
 
 def read_api_key_file(path) -> str:
     """The API key from a file (first line): unlike --api-key, it does not show in `ps`."""
-    from core.errors import ConfigError
-
     try:
         key = Path(path).read_text(encoding="utf-8").strip().splitlines()
     except (OSError, UnicodeDecodeError) as e:

@@ -10,6 +10,10 @@ import signal
 import time
 from pathlib import Path
 
+from core.console import console
+from core.errors import ConfigError, SelfspecError
+from core.registry import load_registry
+
 DEFAULT_CONFIG = Path("deploy/local.yaml")
 
 
@@ -52,8 +56,6 @@ def deploy_settings(path: Path | None) -> dict:
     """A Serve config file -> {args, name, route_prefix, host, port}, validated by Ray's schema."""
     import yaml
 
-    from core.errors import ConfigError
-
     if path is None:
         path = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
     if path is None:
@@ -81,8 +83,6 @@ def cli_api_key(args) -> str | None:
     if getattr(args, "api_key_file", None) is not None:
         return read_api_key_file(args.api_key_file)
     if args.api_key:
-        from core.console import console
-
         console.say("warning: --api-key shows in `ps` to every user of this machine; pass "
                     "--api-key-file FILE or set SELFSPEC_API_KEY instead")
     return args.api_key
@@ -104,9 +104,6 @@ def run_serve(args) -> int:
 
 def serve_forever(cfg, host: str, port: int, name: str, prefix: str, verbose: bool) -> int:
     """`selfspec serve`: start, print how to use it, serve until Ctrl-C or SIGTERM."""
-    from core.console import console
-    from core.registry import load_registry
-
     registry = load_registry(cfg.experts_dir)
     if not registry.experts:
         console.say(f"note: no experts in {cfg.experts_dir}: serving the base model only "
@@ -159,8 +156,6 @@ def start_serving(cfg, host: str, port: int, name: str, prefix: str, verbose: bo
     import ray
     from ray import serve
 
-    from core.console import console
-    from core.errors import SelfspecError
     from serve.app import build_app
 
     server = Server(name, own_ray=not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"))

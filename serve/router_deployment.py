@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ray import serve
 
+from core.encoder import canonical_name
 from router.types import RouteChoice, RouterError
 from serve.config import build_serve_config
 from serve.watch import RegistryFollower, RetrySchedule, start_watch
@@ -42,7 +43,6 @@ class RouterServer:
                                   due=self._retries.any_due)
 
     def _load_router(self, experts_dir: Path):
-        from core.encoder import canonical_name
         from router.index import load_router, read_meta
 
         encoder = self.cfg.router.encoder

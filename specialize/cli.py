@@ -11,7 +11,11 @@ import sys
 from pathlib import Path
 
 from core.console import console, interrupt_line
+from core.encoder import load_encoder
+from core.errors import ConfigError
 from core.precision import DTYPES
+from core.registry import load_registry
+from core.seeds import available_domains
 from specialize.config import STAGES
 
 
@@ -113,8 +117,6 @@ def _specialize_parser(sub) -> None:
 
 
 def _run_specialize(args) -> int:
-    from core.errors import ConfigError
-    from core.seeds import available_domains
     from specialize.config import resolve_config
     from specialize.pipeline import format_summary
 
@@ -204,8 +206,6 @@ def dense_encoder(cfg):
     answers are already written builds none); specialize itself never imports the router."""
     if cfg.respond.retrieval != "dense":
         return None
-    from core.encoder import load_encoder
-
     return functools.partial(load_encoder, None)
 
 
@@ -385,7 +385,6 @@ def _run_experts_rollback(args) -> int:
 
 
 def _run_experts_remove(args) -> int:
-    from core.registry import load_registry
     from specialize.manage import remove_expert
 
     change = remove_expert(args.experts_dir, args.name, force=args.force)
@@ -406,8 +405,6 @@ def _run_experts_show(args) -> int:
 
 
 def _run_experts(args) -> int:
-    from core.registry import load_registry
-
     reg = load_registry(args.experts_dir)
     if args.json:
         print(reg.model_dump_json(indent=2))

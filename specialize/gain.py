@@ -25,7 +25,9 @@ import logging
 import math
 from collections import defaultdict
 
+from core.eval_formats import score_multiple_choice, user_text
 from core.seeds import Domain, EvalItem, load_jsonl
+from core.stats import paired_diff
 from specialize.config import GainConfig
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,6 @@ def measure_gain(model, tokenizer, items: list[EvalItem], cfg: GainConfig,
     PEFT model, or None without items."""
     # evaluation's own prompts, scoring rules and bootstrap, so this gain and `selfspec eval`
     # agree on what an item is worth; both modules import only specialize and numpy.
-    from core.stats import paired_diff
-
     if not items:
         return None
     was_training = model.training
@@ -84,8 +84,6 @@ def measure_gain(model, tokenizer, items: list[EvalItem], cfg: GainConfig,
 
 def score_items(model, tokenizer, items: list[EvalItem]) -> list[float]:
     """Each item's 0/1 score under `model` as it is (adapter on or off)."""
-    from core.eval_formats import score_multiple_choice, user_text
-
     pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     spans = []  # per item: (first pair, number of pairs)
     for it in items:

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 from core.errors import (
     AdapterError,
     ConfigError,
@@ -36,6 +37,7 @@ from core.errors import (
     SeedError,
 )
 from core.jsonl import write_json
+from core.lora import validate_adapter
 from core.registry import (
     ExpertEntry,
     LoraInfo,
@@ -122,8 +124,6 @@ def add_expert(cfg: AddConfig) -> Change:
     check_shapes(cfg.adapter, base_spec, base_path)
     max_rank = cfg.max_lora_rank or max([DEFAULT_MAX_LORA_RANK] +
                                         [e.lora.rank for e in registry.experts.values()])
-    from core.lora import validate_adapter
-
     facts = validate_adapter(cfg.adapter, base_path, max_rank)
     never = sorted(UNSERVABLE_TARGETS & set(facts["target_modules"]))
     if never:
@@ -165,8 +165,6 @@ def add_expert(cfg: AddConfig) -> Change:
 
 def registry_base(registry: Registry, requested: str | None) -> tuple[str, Path]:
     """The base model an added adapter must fit: the one a server of this registry loads."""
-    from core.base_model import DEFAULT_BASE_MODEL, resolve_base_model
-
     counts = Counter((e.base_model, e.base_model_path) for e in registry.experts.values())
     if requested is not None:
         path = resolve_base_model(requested)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.encoder import MemoEncoder, load_encoder
+from core.engine import TokenRequest
 from core.seeds import Domain, available_domains, load_domain, seeds_root
 
 OFFTOPIC_FILE = Path(__file__).resolve().parent / "offtopic.txt"
@@ -211,8 +213,6 @@ def input_similarity(encoder, instruction: str, input_: str) -> float:
 def load_default_encoder():
     """The router's embedded encoder (all-MiniLM-L6-v2, offline), built once per process (~10 s);
     imported here only, so the offline stages load it only when a check needs it."""
-    from core.encoder import MemoEncoder, load_encoder
-
     return MemoEncoder(load_encoder(None))
 
 
@@ -226,8 +226,6 @@ def instruction_perplexities(generator, texts: Sequence[str]) -> list[float]:
     vLLM batch with prompt logprobs (the engine evaluation scores with; no second model).
     The generation engine has no LoRA: vLLM 0.32's CPU LoRA logits wrapper (an engine started
     with LoRA and no explicit target list) crashes on prompt logprobs."""
-    from core.engine import TokenRequest
-
     tok = generator.tokenizer
     prefix = len(tok.encode(PERPLEXITY_PREFIX, add_special_tokens=False))
     reqs = [TokenRequest(tuple(tok.encode(PERPLEXITY_PREFIX + t, add_special_tokens=False)),
