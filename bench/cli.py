@@ -46,6 +46,8 @@ def add_parsers(sub) -> None:
     b.add_argument("--train-rows", type=_at_least_1, default=64, help="train: examples (64)")
     b.add_argument("--train-rounds", type=_at_least_1, default=2,
                    help="train: alternating runs of each trainer, medians reported (2)")
+    b.add_argument("--train-epochs", type=float, default=1.0,
+                   help="train: epochs per run (1: 8 steps of 8 on 64 rows)")
     b.set_defaults(func=run_bench)
 
     c = sub.add_parser("cluster-demo", help="two Ray nodes on this machine: deploy with Ray's "

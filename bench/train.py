@@ -57,7 +57,21 @@ def compare_curves(loop: list[dict], sft: list[dict]) -> dict:
             "loss_per_step": {"loop": [round(x, 4) for x in a], "sft": [round(x, 4) for x in b]}}
 
 
-def bench_train(base: Path, rows: list[dict], cfg, rounds: int, workdir: Path) -> dict:
+def summarize(runs: dict[str, list[dict]], curves: dict[str, list[dict]]) -> dict:
+    done = [t for t in TRAINERS if runs[t]]
+    med = {t: statistics.median(r["wall_s"] for r in runs[t]) for t in done}
+    med_train = {t: statistics.median(r["train_s"] for r in runs[t]) for t in done}
+    out = {"runs": runs, "median_wall_s": med, "median_train_s": med_train}
+    if len(done) == len(TRAINERS):
+        out["wall_ratio_sft_over_loop"] = round(med["sft"] / med["loop"], 3)
+        out["train_ratio_sft_over_loop"] = round(med_train["sft"] / med_train["loop"], 3)
+        out["loss"] = compare_curves(curves["loop"], curves["sft"])
+    return out
+
+
+def bench_train(base: Path, rows: list[dict], cfg, rounds: int, workdir: Path,
+                report=lambda partial: None) -> dict:
+    """`report` gets the numbers so far after every run, so a run cut short still leaves them."""
     data = workdir / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -77,13 +91,10 @@ def bench_train(base: Path, rows: list[dict], cfg, rounds: int, workdir: Path) -
             runs[trainer].append({"wall_s": res["wall_s"], "train_s": res["summary"]["seconds"],
                                   "steps": res["summary"]["steps"]})
             curves.setdefault(trainer, json.loads((out / "loss.json").read_text()))
-    med = {t: statistics.median(r["wall_s"] for r in runs[t]) for t in TRAINERS}
-    med_train = {t: statistics.median(r["train_s"] for r in runs[t]) for t in TRAINERS}
+            report({"examples": len(rows), "train_config": cfg.model_dump(mode="json"),
+                    **summarize(runs, curves)})
     return {"examples": len(rows), "train_config": cfg.model_dump(mode="json"),
-            "runs": runs, "median_wall_s": med, "median_train_s": med_train,
-            "wall_ratio_sft_over_loop": round(med["sft"] / med["loop"], 3),
-            "train_ratio_sft_over_loop": round(med_train["sft"] / med_train["loop"], 3),
-            "loss": compare_curves(curves["loop"], curves["sft"])}
+            **summarize(runs, curves)}
 
 
 def run_train_bench(args) -> int:
@@ -97,22 +108,37 @@ def run_train_bench(args) -> int:
     else:
         rows = seed_rows(args.train_domain, args.train_rows)
         source = f"seeds/{args.train_domain}: first {len(rows)} seed pairs"
-    cfg = TrainConfig(seed=0)
+    cfg = TrainConfig(seed=0, epochs=args.train_epochs)  # the rest: stage 5's defaults
     base = resolve_base_model(args.base_model)
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        result = bench_train(base, rows, cfg, args.train_rounds, Path(tmp))
-    result = {"base_model": args.base_model, "data": source,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "load_avg_1m_at_end": round(os.getloadavg()[0], 2), **result}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_train.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+
+    def report(numbers: dict) -> dict:
+        result = {"base_model": args.base_model, "data": source, "machine": _machine(),
+                  "load_avg_1m": round(os.getloadavg()[0], 2), **numbers}
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        result = report(bench_train(base, rows, cfg, args.train_rounds, Path(tmp), report))
     loss = result["loss"]
     print(f"wall: loop {result['median_wall_s']['loop']:.1f} s, sft "
           f"{result['median_wall_s']['sft']:.1f} s (ratio {result['wall_ratio_sft_over_loop']}); "
           f"loss per step max |diff| {loss['max_abs_diff_per_step']}, final "
           f"{loss['final_loss']['loop']} vs {loss['final_loss']['sft']}\nwrote {path}")
     return 0
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":
