@@ -25,6 +25,8 @@ import logging
 import math
 from collections import defaultdict
 
+# evaluation's own prompts, scoring rules and bootstrap (core/), so this gain and `selfspec eval`
+# agree on what an item is worth.
 from core.eval_formats import score_multiple_choice, user_text
 from core.seeds import Domain, EvalItem, load_jsonl
 from core.stats import paired_diff
@@ -62,8 +64,6 @@ def measure_gain(model, tokenizer, items: list[EvalItem], cfg: GainConfig,
                  seed: int = 0) -> dict | None:
     """{metric, expert, base, diff, ci, p_not_better, n} (registry.GainInfo's fields) for a
     PEFT model, or None without items."""
-    # evaluation's own prompts, scoring rules and bootstrap, so this gain and `selfspec eval`
-    # agree on what an item is worth; both modules import only specialize and numpy.
     if not items:
         return None
     was_training = model.training

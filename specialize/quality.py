@@ -211,8 +211,8 @@ def input_similarity(encoder, instruction: str, input_: str) -> float:
 
 @functools.cache
 def load_default_encoder():
-    """The router's embedded encoder (all-MiniLM-L6-v2, offline), built once per process (~10 s);
-    imported here only, so the offline stages load it only when a check needs it."""
+    """The router's embedded encoder (all-MiniLM-L6-v2, offline), built once per process (~10 s),
+    only when a check needs it (sentence-transformers loads inside `load_encoder`)."""
     return MemoEncoder(load_encoder(None))
 
 
