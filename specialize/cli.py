@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from core.console import console, interrupt_line
-from core.encoder import load_encoder
 from core.errors import ConfigError
 from core.precision import DTYPES
 from core.registry import load_registry
@@ -206,6 +205,8 @@ def dense_encoder(cfg):
     answers are already written builds none); specialize itself never imports the router."""
     if cfg.respond.retrieval != "dense":
         return None
+    from core.encoder import load_encoder  # numpy: not when only parsing arguments
+
     return functools.partial(load_encoder, None)
 
 
