@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from core.encoder import Encoder, canonical_name, load_encoder
+from core.jsonl import fsync_dir, fsync_file
 from core.registry import Registry, load_registry, utcnow
 from core.router_index import (
     INDEX_FORMAT,
@@ -181,6 +182,7 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
     index_file = f"index-{build}.faiss"
     tmp = folder / f".{index_file}.tmp"
     write_index(router.index, tmp)
+    fsync_file(tmp)  # on disk before meta.json names it: a power cut must not leave it empty
     os.replace(tmp, folder / index_file)
     offtopic_file = None
     if router.offtopic is not None:
@@ -188,7 +190,10 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
         tmp = folder / f".{offtopic_file}.tmp"
         with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the name
             np.save(f, router.offtopic)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, folder / offtopic_file)
+    fsync_dir(folder)  # the renames too
     meta = RouterIndexMeta(
         format_version=INDEX_FORMAT,
         encoder=EncoderInfo(name=router.encoder.name, dim=router.encoder.dim),
@@ -210,6 +215,7 @@ def _save(router: Router, folder: Path, registry: Registry, experts_dir: Path) -
         built=utcnow().isoformat(),
     )
     write_meta(experts_dir, meta)
+    fsync_dir(folder)
     for old in [*folder.glob("index-*.faiss"), *folder.glob("offtopic-*.npy")]:
         if old.name not in (index_file, offtopic_file):
             with contextlib.suppress(FileNotFoundError):

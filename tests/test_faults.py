@@ -264,6 +264,33 @@ def test_truncated_router_index_is_rebuilt(tmp_path, fake_st, damaged, old_meta)
     assert load_router(tmp_path).names == ["law", "math"]  # and the rebuilt one reads back
 
 
+def test_router_index_is_on_disk_before_meta_names_it(tmp_path, fake_st, monkeypatch):
+    import core.jsonl as jsonl_mod
+    import router.index as index_mod
+
+    synced: set[int] = set()
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.add(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(jsonl_mod.os, "fsync", spy)
+    real_write_meta = index_mod.write_meta
+    missing = {}
+
+    def write_meta(experts_dir, meta):  # the moment readers follow meta.json to the new files
+        folder = experts_dir / "router"
+        missing["files"] = [n for n in (meta.index_file, meta.offtopic_file, ".")
+                            if n and (folder / n).stat().st_ino not in synced]
+        return real_write_meta(experts_dir, meta)
+
+    monkeypatch.setattr(index_mod, "write_meta", write_meta)
+    write_reg(tmp_path, two_experts())
+    load_router(tmp_path)
+    assert missing == {"files": []}
+
+
 # --- 6b. a typo in --experts-dir is refused before Ray or vLLM starts --------------------------
 
 def test_serve_refuses_an_experts_dir_that_does_not_exist(tmp_path):
