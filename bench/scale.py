@@ -121,6 +121,7 @@ def run_size(domain_name: str, n: int, encoder_kind: str, seed: int) -> dict:
     gcfg = GenerateConfig(num_instructions=n, max_batches=100_000, patience=20)
     gen = ScaleGenerator(domain_vocabulary(domain), items=gcfg.guided_items, seed=seed)
     times = {}
+    cpu0 = _cpu_seconds()
     with tempfile.TemporaryDirectory() as tmp:
         wd = Path(tmp)
         t = time.perf_counter()
@@ -137,9 +138,16 @@ def run_size(domain_name: str, n: int, encoder_kind: str, seed: int) -> dict:
     return {"num_instructions": n, "candidates": g["candidates"], "kept": f["kept"],
             "rejected": f["rejected"], "on_domain_rate": card["on_domain_rate"], **times,
             "total_s": round(total, 2),
+            # CPU seconds of this process: less at the mercy of other jobs on a shared machine
+            "cpu_s": round(_cpu_seconds() - cpu0, 2),
             "ms_per_candidate": round(1000 * total / max(1, g["candidates"]), 3),
             # Linux reports ru_maxrss in KiB
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _child(args, queue) -> None:
@@ -151,7 +159,7 @@ def bench_scale(domain: str, sizes: list[int], encoder: str = "fake", seed: int 
     from core.precision import cpu_isa
 
     ctx = mp.get_context("spawn")  # a fresh interpreter per size: peak RSS is that size's own
-    rows = []
+    rows, load = [], [round(x, 1) for x in os.getloadavg()]
     for n in sizes:
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=((domain, n, encoder, seed), queue))
@@ -161,7 +169,10 @@ def bench_scale(domain: str, sizes: list[int], encoder: str = "fake", seed: int 
         print(f"  {n:>6} instructions: {rows[-1]['total_s']:.1f} s, "
               f"{rows[-1]['peak_rss_mib']:.0f} MiB peak RSS", file=sys.stderr)
     return {"domain": domain, "encoder": encoder, "seed": seed, "cpu": cpu_name(),
-            "cpu_isa": cpu_isa().summary, "cores": os.cpu_count(), "sizes": rows}
+            "cpu_isa": cpu_isa().summary, "cores": os.cpu_count(),
+            # other jobs on the machine: wall times are upper bounds when these exceed the cores
+            "load_avg_before": load, "load_avg_after": [round(x, 1) for x in os.getloadavg()],
+            "sizes": rows}
 
 
 def cpu_name() -> str:
@@ -177,10 +188,12 @@ def cpu_name() -> str:
 def format_scale(result: dict) -> str:
     lines = [f"stages 1-2 + data card, fake generator, {result['encoder']} encoder, "
              f"{result['domain']} ({result['cpu']}, {result['cores']} cores)",
-             "     N  candidates   kept  generate s  filter s  card s  ms/candidate  peak MiB"]
+             "     N  candidates   kept  generate s  filter s  card s  CPU s  ms/candidate  "
+             "peak MiB"]
     for r in result["sizes"]:
         lines.append(f"{r['num_instructions']:>6}  {r['candidates']:>10}  {r['kept']:>5}  "
                      f"{r['generate_s']:>10}  {r['filter_s']:>8}  {r['data_card_s']:>6}  "
+                     f"{r['cpu_s']:>5}  "
                      f"{r['ms_per_candidate']:>12}  {r['peak_rss_mib']:>8}")
     return "\n".join(lines)
 
