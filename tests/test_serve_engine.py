@@ -176,12 +176,12 @@ def test_router_reload_keeps_the_loaded_encoder(tmp_path, monkeypatch):
     """A hot-add reloads the router's index; the encoder (seconds to load and trace) stays."""
     from types import SimpleNamespace
 
-    from router import route
+    from router import index
     from serve.config import build_serve_config
 
     asked = []
-    monkeypatch.setattr(route.Router, "load",
-                        classmethod(lambda cls, d, encoder=None: asked.append(encoder) or "new"))
+    monkeypatch.setattr(index, "load_router",
+                        lambda d, encoder=None: asked.append(encoder) or "new")
     server = object.__new__(RouterServer.func_or_class)
     server.cfg = build_serve_config({"router": {"encoder": "all-MiniLM-L6-v2"}})
     server.router = None

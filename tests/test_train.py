@@ -225,6 +225,7 @@ class _Captured(Exception):
 
 
 def test_training_flags_reach_the_config(monkeypatch):
+    from selfspec.cli import main
     from specialize import cli
 
     def capture(domains, cfg, args):
@@ -232,7 +233,7 @@ def test_training_flags_reach_the_config(monkeypatch):
 
     monkeypatch.setattr(cli, "_specialize_locally", capture)
     with pytest.raises(_Captured) as got:
-        cli.main(["specialize", "finance", "--gradient-checkpointing", "--packing",
+        main(["specialize", "finance", "--gradient-checkpointing", "--packing",
                   "--save-steps", "50"])
     train = got.value.args[0]
     assert (train.gradient_checkpointing, train.packing, train.save_steps, train.quantize) == \
