@@ -70,6 +70,22 @@ class InstructionFilter:
 
     def check(self, task: Task) -> Verdict:
         """Judge one candidate; a kept one joins the pool that later candidates are compared to."""
+        verdict = self._rules(task)
+        if verdict.reason:
+            return verdict
+        score, idx = self.pool.max_score(task.instruction, self.cfg.rouge_threshold)
+        if score > self.cfg.rouge_threshold:
+            return Verdict("near_duplicate", f"rougeL={score:.2f} vs {self.pool_texts[idx]}")
+        verdict = self._judge_meaning(task)
+        if verdict.reason:
+            return verdict
+        self.pool.add(task.instruction)
+        self.pool_texts.append(f"generated: {task.instruction}")
+        self.kept += 1
+        return Verdict(None)
+
+    def _rules(self, task: Task) -> Verdict:
+        """The checks that need neither the pool nor a model."""
         words = len(task.instruction.split())
         if not task.instruction.strip():
             return Verdict("empty")
@@ -91,15 +107,6 @@ class InstructionFilter:
             v = wellformed_verdict(task.instruction, self.verbs)
             if v.reason:
                 return Verdict(v.reason, v.detail)
-        score, idx = self.pool.max_score(task.instruction, self.cfg.rouge_threshold)
-        if score > self.cfg.rouge_threshold:
-            return Verdict("near_duplicate", f"rougeL={score:.2f} vs {self.pool_texts[idx]}")
-        verdict = self._judge_meaning(task)
-        if verdict.reason:
-            return verdict
-        self.pool.add(task.instruction)
-        self.pool_texts.append(f"generated: {task.instruction}")
-        self.kept += 1
         return Verdict(None)
 
 
@@ -117,7 +124,7 @@ class InstructionFilter:
                 if v.reason:
                     return Verdict(v.reason, v.detail)
         if self.judge is not None:
-            self.prefetch([task])
+            self._score([task])
             nll = self.nll[text]
             if nll > self.max_nll:
                 ratio = math.exp(nll - self.max_nll) * self.cfg.max_perplexity_ratio
@@ -126,10 +133,23 @@ class InstructionFilter:
         return Verdict(None)
 
     def warm(self, tasks: list[Task]) -> None:
-        """Embed many candidates in one encoder call, for a remembering encoder (the default
-        MemoEncoder) to serve the checks from: on 2 CPU cores the router's encoder takes ~12x
-        longer per text one at a time than in a batch of 100, which at the paper's 5,000 kept
-        (15,000+ candidates) is the difference between minutes and hours."""
+        """Stage 1, per generated batch: embed the candidates that pass the rule checks in one
+        encoder call, and score them in one engine batch, for `check` to find ready. On 2 CPU
+        cores the router's encoder takes ~12x longer per text one at a time than in a batch of
+        100, and one prompt-logprobs request per candidate would be one engine call each: at the
+        paper's 5,000 kept (15,000+ candidates) the difference between minutes and hours."""
+        todo = [t for t in tasks if self._rules(t).reason is None]
+        self._embed(todo)
+        self._score(todo)
+
+    def prefetch(self, tasks: list[Task]) -> None:
+        """Stage 2: embed and score all its candidates in one batch each (every candidate gets
+        its perplexity in the output files, rejected or not)."""
+        self._embed(tasks)
+        self._score(tasks)
+
+    def _embed(self, tasks: list[Task]) -> None:
+        """For a remembering encoder (the default MemoEncoder), which then serves the checks."""
         encoder = None if self.reference is None else self.reference.encoder
         if encoder is None or not hasattr(encoder, "memo"):
             return
@@ -142,11 +162,9 @@ class InstructionFilter:
         if todo:
             encoder.encode(todo)
 
-    def prefetch(self, tasks: list[Task]) -> None:
-        """Score many tasks in one engine batch (the filter stage passes all its candidates);
-        the seeds' median, which the threshold is relative to, is scored on first use. Their
-        embeddings are batched too (`warm`)."""
-        self.warm(tasks)
+    def _score(self, tasks: list[Task]) -> None:
+        """The base model's mean token NLL of each task not scored yet, in one engine batch; the
+        seeds' median, which the threshold is relative to, is scored on first use."""
         if self.judge is None:
             return
         if self.max_nll is None:

@@ -47,13 +47,9 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
 
     # Resume: replay what earlier runs wrote through the filter, so its pool is the same.
     rows = resume_jsonl(path)
-    kept: list[Task] = []
-    for row in rows:
-        if row.get("marker"):
-            continue
-        task = Task(row["instruction"], row.get("input", ""))
-        if filt.check(task).reason is None:
-            kept.append(task)
+    replay = [Task(r["instruction"], r.get("input", "")) for r in rows if not r.get("marker")]
+    filt.warm(replay)
+    kept = [task for task in replay if filt.check(task).reason is None]
     batch = 1 + max((r["batch"] for r in rows), default=-1)
     stale, started = 0, time.time()
 

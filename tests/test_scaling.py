@@ -136,3 +136,25 @@ def test_train_workers_outside_ray_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="add --ray-address"):
         train_adapter_on_workers(tmp_path, TrainConfig(workers=2), tmp_path / "t.jsonl", tmp_path)
+
+
+def test_stage1_scores_a_generated_batch_in_one_engine_call():
+    """The perplexity judge gets the candidates that pass the rule checks together, once."""
+    calls = []
+
+    def judge(texts):
+        calls.append(list(texts))
+        return [1.0 for _ in texts]
+
+    seeds = [Task(f"Explain what seed number {i} says about bonds.") for i in range(4)]
+    filt = InstructionFilter(FilterConfig(max_perplexity_ratio=4.0, wellformed=True), seeds, [],
+                             judge=judge)
+    batch = [Task(f"Explain how coupon {i} changes a bond's price over {i} years.")
+             for i in range(6)] + [Task("too short"), Task("Draw a picture of a bond market.")]
+    filt.warm(batch)
+    assert len(calls) == 2  # the seeds' median first, then the batch
+    assert len(calls[1]) == 6  # the two that fail the rule checks are not scored
+    verdicts = [filt.check(t).reason for t in batch]
+    assert len(calls) == 2  # every check found its score ready
+    assert verdicts[-2:] == ["too_short", "not_text_task"]
+    assert verdicts.count(None) >= 1
