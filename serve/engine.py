@@ -4,8 +4,8 @@ a LoRA adapter (mixed in the same batch), kept in step with the registry.
 Start-up: plan the LoRA limits from the registry, start vLLM, validate each adapter
 (`core.lora`) and load it; a corrupt or incompatible adapter is left out, logged, and
 reported in `catalog()["skipped"]` (shown by /health and /v1/models) while the others serve.
-Hot-add: a registry watch (and `reload()`, which /admin/reload calls) loads new experts and new
-versions without a restart. `check_health` fails once the engine process has died, so Ray Serve
+Hot-add: a registry watch (and `reload()`, which /admin/reload calls on every replica through
+the app's reload board, serve/watch.py) loads new experts and new versions without a restart. `check_health` fails once the engine process has died, so Ray Serve
 replaces the replica.
 """
 
