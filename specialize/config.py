@@ -117,13 +117,21 @@ class RespondConfig(_Config):
 
 
 class ResponseFilterConfig(_Config):
-    """Stage 4: drop empty, truncated and degenerate responses."""
+    """Stage 4: drop empty, truncated, degenerate and (optionally) echoing responses."""
 
     min_chars: int = Field(2, ge=1)
     drop_truncated: bool = True  # an answer cut by max_tokens teaches the expert to stop mid-way
     # A response whose distinct 4-grams are under this share of all its 4-grams is looping.
     min_distinct_ngram_ratio: float = Field(0.5, gt=0, le=1)
     max_line_repeats: int = Field(3, ge=2)
+    # "echo": an answer whose content words come mostly from its own instruction and input
+    # restates the task instead of answering it; the expert would learn to parrot. The share
+    # of the answer's content words (see filter_responses.echo_share) found in the task at or
+    # above which it is dropped; None: off until a measured run says it helps.
+    max_echo_share: float | None = Field(None, gt=0, le=1)
+    # Answers with fewer content words are never "echo": a closed-form answer ("Yes.",
+    # "Answer: B", "x = 13") legitimately repeats the task's words or has none of its own.
+    echo_min_words: int = Field(5, ge=1)
 
 
 class TrainConfig(_Config):

@@ -14,10 +14,16 @@ from pathlib import Path
 
 from core.jsonl import read_jsonl, write_json
 from core.seeds import Domain
+from specialize.config import ResponseFilterConfig
+from specialize.filter_responses import echo_share
 from specialize.quality import build_reference, seed_verbs, task_text, wellformed_verdict
 
 CARD_JSON, CARD_MD = "data_card.json", "data_card.md"
 EXAMPLES = 10
+# The card's echo rate counts answers with at least this share of their content words taken from
+# their own task: fixed here, not the run's filter setting, so cards of runs with the echo filter
+# off and on are comparable (docs/quality.md measured 0.8).
+ECHO_SHARE = 0.8
 
 
 def _rows(path: Path) -> list[dict] | None:
@@ -52,7 +58,8 @@ def build_data_card(domain: Domain, workdir: Path, encoder=None, seed: int = 0,
             stages[stage] = {"kept": len(train), "rejected": _reasons(rejected)}
 
     card: dict = {"domain": domain.name, "stopped_after": stopped_after, "stages": stages,
-                  "on_domain_rate": None, "fragment_rate": None, "examples": []}
+                  "on_domain_rate": None, "fragment_rate": None, "echo_rate": None,
+                  "examples": []}
     if not kept:
         return card
     texts = [task_text(r["instruction"], r.get("input", "")) for r in kept]
@@ -69,6 +76,11 @@ def build_data_card(domain: Domain, workdir: Path, encoder=None, seed: int = 0,
     # Examples come from the final training data when there is one (instruction + answer).
     final = next((_rows(workdir / f / "train.jsonl") for f in ("respond2_filter", "respond_filter")
                   if (workdir / f / "train.jsonl").exists()), None)
+    if final:
+        min_words = ResponseFilterConfig().echo_min_words
+        shares = [echo_share(r["output"], r["instruction"], r.get("input", "")) for r in final]
+        echoes = sum(n >= min_words and share >= ECHO_SHARE for share, n in shares)
+        card["echo_rate"] = round(echoes / len(final), 4)
     pool = final if final else kept
     rng = random.Random(f"{seed}:{domain.name}:card")
     picked = rng.sample(pool, min(EXAMPLES, len(pool)))
@@ -90,6 +102,9 @@ def format_data_card(card: dict) -> str:
     lines += [f"- on-domain rate of the kept instructions (nearest domain by the router's "
               f"encoder): {_pct(card.get('on_domain_rate'))}",
               f"- fragment rate of the kept instructions: {_pct(card.get('fragment_rate'))}"]
+    if card.get("echo_rate") is not None:
+        lines.append(f"- echo rate of the training answers (≥ {ECHO_SHARE:.0%} of their content "
+                     f"words from their own task): {_pct(card['echo_rate'])}")
     if card.get("off_domain_nearest"):
         near = ", ".join(f"{k} {v}" for k, v in card["off_domain_nearest"].items())
         lines.append(f"- kept instructions nearer another set: {near}")

@@ -73,6 +73,15 @@ def test_card_counts_rates_and_examples(tmp_path, seeds):
     assert sorted(e["output"] for e in card["examples"]) == ["Answer g0.", "Answer g1.",
                                                             "Answer g2."]
     assert build_data_card(domain, wd, WordEncoder()) == card  # same seed, same examples
+    assert card["echo_rate"] == 0.0  # "Answer g0." has one content word: too short to echo
+
+    # One of three answers only restates its instruction: a third of the training answers echo.
+    write_jsonl(wd / "respond_filter" / "train.jsonl",
+                [{**g, "output": f"Answer {g['id']}."} for g in gen[:2]]
+                + [{**gen[2], "output": "Explain alpha idea: the alpha idea explained."}])
+    echo_card = build_data_card(domain, wd, WordEncoder())
+    assert echo_card["echo_rate"] == 0.3333
+    assert "echo rate of the training answers" in format_data_card(echo_card)
 
     md = format_data_card(card)
     assert md.startswith("# Data card: alpha\n")
