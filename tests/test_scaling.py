@@ -130,10 +130,15 @@ def test_train_workers_need_ray(tmp_path, monkeypatch, capsys):
         build_config(train={"workers": 0})
 
 
-def test_train_workers_outside_ray_is_a_config_error(tmp_path):
+def test_train_workers_outside_ray_is_a_config_error(tmp_path, monkeypatch):
+    import ray
+
     from specialize.config import TrainConfig
     from specialize.train_workers import train_adapter_on_workers
 
+    # The suite's integration tests leave a Ray session up in this process; this checks the
+    # path a process without one takes (otherwise fit() would wait for workers' CPUs forever).
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(ConfigError, match="add --ray-address"):
         train_adapter_on_workers(tmp_path, TrainConfig(workers=2), tmp_path / "t.jsonl", tmp_path)
 

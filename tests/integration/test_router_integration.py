@@ -73,8 +73,8 @@ def test_index_meta_records_encoder_and_revision(experts, router):
     reg = load_registry(experts)
     unique = sum(len(set(e.exemplars)) for e in reg.experts.values())
     assert meta.n_vectors == router.index.ntotal == unique + 4  # + one description each
-    assert all(meta["calibration"][n]["rule"] == "negatives p75" for n in router.names)
-    assert 0.15 < min(meta["thresholds"].values()) <= max(meta["thresholds"].values()) < 0.35
+    assert all(meta.calibration[n]["rule"] == "negatives p75" for n in router.names)
+    assert 0.15 < min(meta.thresholds.values()) <= max(meta.thresholds.values()) < 0.35
 
 
 def test_other_encoder_is_refused_with_a_clear_message(experts, router):
