@@ -62,7 +62,9 @@ def run_up(args) -> int:
     cfg = resolve_config(with_dtype(settings["args"], args.dtype), experts_dir=args.experts_dir,
                          api_key=cli_api_key(args))
     host = args.host or settings["host"] or "127.0.0.1"
-    refuse_open_exposure(host, cfg, getattr(args, "insecure_no_auth", False))
+    if getattr(args, "insecure_no_auth", False):  # the app builder checks the host again
+        cfg = cfg.model_copy(update={"insecure_no_auth": True})
+    refuse_open_exposure(host, cfg)
     port = args.port or settings["port"] or 8000
     return up(args, cfg, host, port, settings["name"], settings["route_prefix"])
 

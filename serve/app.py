@@ -42,13 +42,33 @@ def require_experts_dir(cfg: ServeConfig) -> None:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def refuse_open_exposure(host: str, cfg: ServeConfig, insecure_no_auth: bool) -> None:
+def refuse_open_exposure(host: str, cfg: ServeConfig, insecure_no_auth: bool = False) -> None:
     """Binding beyond this machine with no API key lets anyone on the network use the engine
-    and the admin routes: refused unless asked for in so many words."""
-    if host not in LOOPBACK and not cfg.resolved_api_key() and not insecure_no_auth:
+    and the admin routes: refused unless asked for in so many words (the flag, or
+    `insecure_no_auth: true` in a Serve YAML's args)."""
+    if (host not in LOOPBACK and not cfg.resolved_api_key()
+            and not (insecure_no_auth or cfg.insecure_no_auth)):
         raise ConfigError(f"--host {host} serves beyond this machine with no API key: pass "
-                          "--api-key-file FILE (or set $SELFSPEC_API_KEY), or "
-                          "--insecure-no-auth to serve it open anyway")
+                          "--api-key-file FILE (or set $SELFSPEC_API_KEY, or `api_key` in the "
+                          "Serve YAML's args), or --insecure-no-auth (`insecure_no_auth: true` "
+                          "in the args) to serve it open anyway")
+
+
+def serve_http_host() -> str | None:
+    """The HTTP host of the running Serve instance, or None when Serve is not up yet.
+
+    A Serve YAML (`serve run` / `serve deploy deploy/gpu.yaml`) sets the host in its
+    http_options, which never reach the app's args; the builder asks the controller instead, so
+    that path is held to the same rule as `selfspec serve --host`. Ray has no public call for
+    it, hence the private client."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return client.http_config.host if client is not None else None
 
 
 def read_api_key_file(path) -> str:
@@ -68,6 +88,9 @@ def build_app(args: dict | None = None):
     from serve.router_deployment import RouterServer
 
     cfg = resolve_config(args)
+    host = serve_http_host()
+    if host is not None:
+        refuse_open_exposure(host, cfg)
     plain = cfg.model_dump(mode="json")
     e, r, i = cfg.engine, cfg.router, cfg.ingress
     engine = EngineServer.options(

@@ -173,6 +173,8 @@ class ServeConfig(_Config):
     base_model: str | None = None
     # Bearer token for /v1 and /admin; None: $SELFSPEC_API_KEY if set, else open.
     api_key: str | None = None
+    # Serve on a non-loopback HTTP host with no API key; refused otherwise (serve/app.py).
+    insecure_no_auth: bool = False
     # Seconds between registry checks (a stat of registry.json); 0 turns the watch off.
     registry_poll_s: float = Field(2.0, ge=0)
     engine: EngineOptions = EngineOptions()

@@ -441,3 +441,21 @@ def _in_this_session(proc) -> bool:
 
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     return any(parent.pid == raylet for parent in proc.parents())
+
+
+def test_app_builder_holds_a_serve_yaml_to_the_exposure_rule(serve_app, monkeypatch):
+    """A Serve YAML (`serve run deploy/gpu.yaml`) sets the host in http_options only, which never
+    reach the app's args: the builder reads it from the running Serve. Here Serve listens on
+    loopback; once the host it reads is a public one, an open app is refused."""
+    import serve.app as app
+    from core.errors import ConfigError
+
+    assert app.serve_http_host() == "127.0.0.1"  # the real controller's answer
+    monkeypatch.delenv("SELFSPEC_API_KEY", raising=False)
+    args = {"experts_dir": str(serve_app[1])}
+    app.build_app(args)  # loopback: no key needed
+    monkeypatch.setattr(app, "serve_http_host", lambda: "0.0.0.0")
+    with pytest.raises(ConfigError, match="0.0.0.0 serves beyond this machine"):
+        app.build_app(args)
+    app.build_app({**args, "insecure_no_auth": True})
+    app.build_app({**args, "api_key": "k"})
