@@ -7,11 +7,12 @@ Benchmarks, not tests: the numbers depend on the machine and on what else runs o
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+
+from core.precision import cpu_model
 
 # p50 10 ms and the user-style targets: issue 17 (the 25 ms of the first router issue before).
 TARGETS = {"p50_ms": 10.0, "batched_qps": 250.0, "top1_accuracy": 0.95, "none_recall": 0.90,
@@ -94,7 +95,7 @@ def bench_router(experts_dir: Path, encoder=None, sizes=(1000, 4000, 16000)) -> 
     base_ms = (time.perf_counter() - t) * 1000
 
     out = {
-        "machine": {"cpu": _cpu_name(),
+        "machine": {"cpu": cpu_model(),
                     "cores_visible": os.cpu_count(), "threads_used": 1,
                     "load_avg_1m": round(os.getloadavg()[0], 2)},
         "router": {"source": source, "encoder": router.encoder.name,
@@ -223,18 +224,6 @@ def _time_search(index, q: np.ndarray, k: int) -> tuple[float, np.ndarray]:
         times.append(time.perf_counter() - t)
         ids.append(i[0])
     return float(np.median(times) * 1000), np.array(ids)
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (platform.processor() is empty on most Linux systems)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _acc(m: dict) -> dict:

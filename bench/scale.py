@@ -17,7 +17,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import re
 import resource
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from core.engine import Completion
+from core.precision import cpu_model
 from specialize.config import FilterConfig, GenerateConfig
 
 DIM = 384  # the router encoder's width, so the reference matrices have their real shape
@@ -168,21 +168,11 @@ def bench_scale(domain: str, sizes: list[int], encoder: str = "fake", seed: int 
         proc.join()
         print(f"  {n:>6} instructions: {rows[-1]['total_s']:.1f} s, "
               f"{rows[-1]['peak_rss_mib']:.0f} MiB peak RSS", file=sys.stderr)
-    return {"domain": domain, "encoder": encoder, "seed": seed, "cpu": cpu_name(),
+    return {"domain": domain, "encoder": encoder, "seed": seed, "cpu": cpu_model(),
             "cpu_isa": cpu_isa().summary, "cores": os.cpu_count(),
             # other jobs on the machine: wall times are upper bounds when these exceed the cores
             "load_avg_before": load, "load_avg_after": [round(x, 1) for x in os.getloadavg()],
             "sizes": rows}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def format_scale(result: dict) -> str:

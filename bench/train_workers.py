@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from bench.scale import cpu_name
+    from core.precision import cpu_model
     from specialize.train import train_adapter
     from specialize.train_workers import train_adapter_on_workers
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[f"{args.workers}_workers"] = {"wall_s": round(time.perf_counter() - t, 1), **s}
         finally:
             ray.shutdown()
-    result = {"cpu": cpu_name(), "cores": cores, "examples": args.examples, "epochs": 1,
+    result = {"cpu": cpu_model(), "cores": cores, "examples": args.examples, "epochs": 1,
               "batch_size": one.batch_size, "load_avg": [round(x, 1) for x in os.getloadavg()],
               "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,13 @@ class CpuIsa:
         return {**asdict(self), "native_bf16": self.native_bf16, "isa": self.summary}
 
 
+def cpu_model() -> str:
+    """The CPU's model name for reports (platform.processor() is empty on most Linux systems)."""
+    import platform
+
+    return cpu_isa().model or platform.processor() or platform.machine()
+
+
 @functools.cache
 def cpu_isa() -> CpuIsa:
     flags: set[str] = set()

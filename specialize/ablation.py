@@ -31,6 +31,7 @@ import numpy as np
 from core.engine import build_vllm_generator
 from core.errors import ConfigError
 from core.jsonl import read_jsonl, write_json
+from core.precision import cpu_model
 from core.seeds import Domain, load_domain
 from specialize.ablation_config import (  # noqa: F401 - SETTINGS re-exported for callers
     SETTINGS,
@@ -199,18 +200,6 @@ def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, enco
     return report
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
 def format_report(report: dict) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.0f}%"
@@ -232,4 +221,3 @@ def format_report(report: dict) -> str:
                          f"{pct(m['fragment_candidates']):>8} {m['seconds']:>6.0f} "
                          f"{'-' if gain is None else f'{gain:+.3f}':>9}")
     return "\n".join(lines)
-
