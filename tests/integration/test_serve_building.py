@@ -78,3 +78,29 @@ def test_expert_in_progress_then_served_once_published(serve_app, tiny_model, tm
                 registry.revision += 1
                 write_registry(experts, registry)
     wait_for(lambda: "geometry" not in get(url, "/health")["experts"], "geometry removed")
+
+
+def test_auto_routes_by_the_seeds_of_an_expert_being_made(serve_app):
+    """Before math's expert exists, the real router (MiniLM, FAISS) scores math's shipped seeds:
+    a math question goes to the base model, with a reason naming the expert that is coming."""
+    from core.build_status import BuildStatus, DomainProgress, clear_build_status, \
+        write_build_status
+
+    url, experts = serve_app
+    question = {"model": "auto", "max_tokens": 4, "temperature": 0, "messages": [
+        {"role": "user", "content": "Solve for x: 3x + 7 = 22. Show the steps."}]}
+    try:
+        write_build_status(experts, BuildStatus(domains={
+            "math": DomainProgress(state="running", stage="generate")}))
+        router = wait_for(lambda: (r := get(url, "/health")["router"])["previewing"] and r,
+                          "the router previewing math", timeout_s=60)
+        assert router["previewing"] == ["math"] and "math" not in router["experts"]
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=120, json=question)
+        assert r.status_code == 200 and r.headers["x-selfspec-expert"] == "base"
+        assert "closest to math" in r.headers["x-selfspec-route-reason"]
+        assert "still being made" in r.headers["x-selfspec-route-reason"]
+    finally:
+        clear_build_status(experts)
+    wait_for(lambda: get(url, "/health")["router"]["previewing"] == [], "the preview dropped")
+    r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=120, json=question)
+    assert r.status_code == 200 and "math" not in r.headers.get("x-selfspec-route-reason", "")
