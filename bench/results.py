@@ -71,13 +71,25 @@ def eval_section(r: dict, assets: str) -> list[str]:
             out.append(f"| {t} | " + " | ".join(
                 _ci(cells[c]["score_generative"]) if c in cells else "–" for c in cols) + " |")
         out += _comparisons(gen)
-    s = r["summary"]
-    out += ["", f"Experts beating the base on their own domain (point estimate): "
-            f"{len(s['experts_beat_base'])} of {s['experts_compared']} "
-            f"({', '.join(s['experts_beat_base']) or 'none'}); `auto` beats the base on the "
-            f"mixed set: {'yes' if s['auto_beats_base_on_mixed'] else 'no'}.", "",
-            f"![eval heatmap]({assets}/eval_heatmap.png)", ""]
+    out += ["", verdict(r), "", f"![eval heatmap]({assets}/eval_heatmap.png)", ""]
     return out
+
+
+def verdict(r: dict, alpha: float = 0.05) -> str:
+    """The summary line: a gain counts only at P(not better) <= alpha, as the targets say; a
+    point estimate above zero is shown beside it, never as the verdict."""
+    comp, s = r["comparisons"], r["summary"]
+    sig = sorted(n for n, c in comp.get("expert_vs_base", {}).items()
+                 if c["p_not_better"] <= alpha)
+    line = (f"Experts beating the base on their own domain with P(not better) <= {alpha}: "
+            f"{len(sig)} of {s['experts_compared']} ({', '.join(sig) or 'none'}); above it as a "
+            f"point estimate: {len(s['experts_beat_base'])}.")
+    mixed = comp.get("auto_vs_base", {}).get("mixed")
+    if mixed is not None:
+        line += (f" `auto` − base on the mixed set: {mixed['diff']:+.3f}, P(not better) "
+                 f"{mixed['p_not_better']:.2f}: "
+                 f"{'a gain' if mixed['p_not_better'] <= alpha else 'no significant gain'}.")
+    return line
 
 
 def serving_section(r: dict, assets: str) -> list[str]:

@@ -40,7 +40,7 @@ from bench.serving_load import (
     vllm_serve_command,
     wait_http,
 )
-from core.precision import precision_facts, resolve_dtype
+from core.precision import cpu_model, precision_facts, resolve_dtype
 
 
 def run_serving_bench(args) -> int:
@@ -263,11 +263,9 @@ def machine() -> dict:
     import platform
     from importlib.metadata import version
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
-                if ln.startswith("model name")), platform.processor())
     mem = next((int(ln.split()[1]) // 2**20 for ln in _read("/proc/meminfo").splitlines()
                 if ln.startswith("MemTotal")), None)
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_gib": mem,
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "memory_gib": mem,
             "python": platform.python_version(),
             "versions": {p: version(p) for p in ("torch", "ray")} | {"vllm": _vllm_version()},
             "load_before": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from core.eval_formats import CLASSIFY, FORMATS, LETTER, MAX_TOKENS, SHORT, YES_NO, ItemScore
+from core.precision import cpu_model
 from core.seeds import EvalItem
 from core.stats import CONFIDENCE, macro_f1_ci, mean_ci, paired_diff
 from evaluation.backends import BASE
@@ -69,21 +70,13 @@ def machine_facts() -> dict:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         mem = None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": cpus,
-            "cpu_model": cpu_model, "memory_gib": round(mem, 1) if mem else None,
+            "cpu_model": cpu_model(), "memory_gib": round(mem, 1) if mem else None,
             "versions": versions}
 
 

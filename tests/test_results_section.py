@@ -31,3 +31,22 @@ def test_serving_section_shows_every_run_and_the_latency_breakdown():
     assert "| stack_over_vllm | 0.878 | >= 0.9 |" in text
     assert "round by round: 0.88, 0.9, 0.86" in text and "averaged 0.02 s, of which 0.013 s inside" in text
     assert "4: 280 (0.93×)" in text
+
+
+def test_eval_verdict_counts_a_gain_only_when_significant():
+    from bench.results import verdict
+
+    def cmp(diff, p):
+        return {"diff": diff, "ci": [diff - 0.1, diff + 0.1], "p_not_better": p,
+                "domain": "x"}
+
+    report = {"comparisons": {"expert_vs_base": {"finance": cmp(0.2, 0.01), "law": cmp(0.03, 0.3),
+                                                 "math": cmp(-0.02, 0.8)},
+                              "auto_vs_base": {"mixed": cmp(0.003, 0.32)}},
+              "summary": {"experts_beat_base": ["finance", "law"], "experts_compared": 3}}
+    line = verdict(report)
+    assert "P(not better) <= 0.05: 1 of 3 (finance)" in line
+    assert "point estimate: 2" in line
+    assert "+0.003, P(not better) 0.32: no significant gain" in line
+    report["comparisons"]["auto_vs_base"]["mixed"] = cmp(0.05, 0.01)
+    assert verdict(report).endswith("0.01: a gain.")
