@@ -11,15 +11,12 @@ import sys
 import pytest
 
 from selfspec.cli import build_parser, main
-from tests.conftest import REPO, write_domain
+from tests.conftest import REPO, seeds_dir
 
 
 @pytest.fixture
 def seeds(tmp_path, monkeypatch):
-    root = tmp_path / "seeds"
-    write_domain(root, "demo")
-    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
-    return root
+    return seeds_dir(tmp_path, monkeypatch, names=("demo",))
 
 
 def run(args, capsys):

@@ -14,15 +14,12 @@ from selfspec.cli import build_parser, main
 from specialize import pipeline
 from specialize.cli import CONFIG_FLAGS, flag_settings
 from specialize.config import SpecializeConfig, resolve_config
-from tests.conftest import write_domain
+from tests.conftest import seeds_dir
 
 
 @pytest.fixture
 def seeds(tmp_path, monkeypatch):
-    root = tmp_path / "seeds"
-    write_domain(root, "demo")
-    monkeypatch.setenv("SELFSPEC_SEEDS_DIR", str(root))
-    return root
+    return seeds_dir(tmp_path, monkeypatch, names=("demo",))
 
 
 @pytest.fixture
