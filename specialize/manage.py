@@ -4,7 +4,8 @@
   written: the adapter's recorded base model and the shape of every LoRA matrix against the
   registry's base checkpoint, vLLM's LoRA rules (core/lora.py), and the routing
   exemplars. Then it is published the way `selfspec specialize` publishes (publish.py): a
-  complete version folder renamed into place, then registry.json replaced under the lock.
+  complete version folder renamed into place, then the next registry revision claimed, each
+  retried on a newer number when another publisher took it first.
 - rollback: the registry names an older version folder again. Version folders are never
   deleted, so a rollback is a registry change only.
 - remove: the registry forgets the expert. Its version folders stay on disk: in-flight requests
@@ -36,7 +37,7 @@ from core.errors import (
     RegistryError,
     SeedError,
 )
-from core.jsonl import write_json
+from core.jsonl import fsync_tree, write_json
 from core.lora import validate_adapter
 from core.registry import (
     ExpertEntry,
@@ -46,6 +47,7 @@ from core.registry import (
     commit_registry,
     load_registry,
     locked,
+    newest_registry,
     read_version,
     utcnow,
     version_dirs,
@@ -53,7 +55,7 @@ from core.registry import (
 from core.seeds import SeedFile
 from specialize.datacard import CARD_MD
 from specialize.publish import _point_symlink as point_symlink
-from specialize.publish import ensure_writable
+from specialize.publish import claim_version, ensure_writable, register
 
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's default, the least a server asks for (serve/adapters.py)
 # The router calibrates each expert's threshold on 5 folds of held-out exemplars
@@ -113,7 +115,7 @@ class Change:
 
 def add_expert(cfg: AddConfig) -> Change:
     ensure_writable(cfg.experts_dir)
-    registry = load_registry(cfg.experts_dir)
+    registry = newest_registry(cfg.experts_dir)
     # Cheap checks first: resolving the base may convert a model (minutes, once).
     exemplars, description = routing_exemplars(cfg, registry)
     if cfg.data_card is not None and not cfg.data_card.is_file():
@@ -145,20 +147,17 @@ def add_expert(cfg: AddConfig) -> Change:
             shutil.copy2(cfg.data_card, staging / CARD_MD)
         write_json(staging / "config.json", {"command": "selfspec experts add",
                                              **cfg.model_dump(mode="json")})
-        with locked(cfg.experts_dir):
-            registry = load_registry(cfg.experts_dir)  # another publisher may have moved on
-            before = registry.experts.get(cfg.name)
-            version = max([*version_dirs(cfg.experts_dir, cfg.name),
-                           before.version if before else 0]) + 1
-            entry = ExpertEntry(
-                name=cfg.name, version=version, description=description,
-                base_model=base_spec, base_model_path=str(base_path),
-                path=f".versions/{cfg.name}/v{version}", lora=LoraInfo(**facts), train=None,
-                source=str(cfg.adapter.resolve()), exemplars=exemplars, created=utcnow())
-            write_json(staging / "expert.json", entry.model_dump(mode="json"))
-            staging.rename(versions / f"v{version}")  # complete, or not there at all
-            _commit(cfg.experts_dir, registry, cfg.name, entry)
-        return Change(cfg.name, before, entry, registry.revision)
+        fsync_tree(staging)  # on disk before the registry names it
+        # The same path as `selfspec specialize` (publish.py): the rename claims the version
+        # number and commit_registry the revision, each retried when another publisher took it
+        # first, so a lock that excludes nothing (NFS with local_lock) loses neither version.
+        entry = claim_version(cfg.experts_dir, cfg.name, staging, lambda version: ExpertEntry(
+            name=cfg.name, version=version, description=description,
+            base_model=base_spec, base_model_path=str(base_path),
+            path=f".versions/{cfg.name}/v{version}", lora=LoraInfo(**facts), train=None,
+            source=str(cfg.adapter.resolve()), exemplars=exemplars, created=utcnow()))
+        written = register(cfg.experts_dir, entry)
+        return Change(cfg.name, registry.experts.get(cfg.name), entry, written.revision)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

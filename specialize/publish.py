@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,49 +111,63 @@ def publish_expert(req: PublishRequest) -> ExpertEntry:
         sample = random.Random(f"{req.seed}:{name}").sample(kept,
                                                             min(req.n_exemplars, len(kept)))
         fsync_tree(staging)  # on disk before the registry names it (a power cut, not empty files)
-        # The version number is claimed by the rename (a folder cannot be renamed onto a full
-        # one), the registry change by commit_registry: both hold where the lock does not.
-        entry = None
-        for _ in range(CLAIM_TRIES):
-            registry = newest_registry(experts_dir)
-            version = max([*version_dirs(experts_dir, name),
-                           registry.experts[name].version if name in registry.experts else 0]) + 1
-            summary = req.train_summary
-            entry = ExpertEntry(
-                name=name, version=version, description=domain.description,
-                base_model=req.base_model, base_model_path=str(req.base_model_path),
-                path=f".versions/{name}/v{version}",
-                lora=LoraInfo(**req.lora),
-                train=TrainInfo(examples=summary["examples"], epochs=summary["epochs"],
-                                loss_first=summary["loss_first"],
-                                loss_last=summary["loss_last"], rounds=req.rounds),
-                exemplars=[s.instruction for s in domain.seeds] + sample,
-                created=utcnow(),
-                # expert vs base on the validation split, measured after training (gain.py)
-                gain=GainInfo(**summary["gain"]) if summary.get("gain") else None)
-            write_json(staging / "expert.json", entry.model_dump(mode="json"))
-            try:
-                os.rename(staging, versions / f"v{version}")  # the folder appears complete
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                continue  # another publisher took v<version> a moment ago
-            break
-        else:
-            raise RegistryError(f"could not claim a version folder in {versions} after "
-                                f"{CLAIM_TRIES} tries")
-        fsync_dir(versions)
-
-        def add(registry: Registry) -> None:
-            current = registry.experts.get(name)
-            if current is None or current.version < entry.version:  # a newer one stays current
-                registry.experts[name] = entry
-
-        commit_registry(experts_dir, add)
-        _follow_symlink(experts_dir, name)
+        summary = req.train_summary
+        entry = claim_version(experts_dir, name, staging, lambda version: ExpertEntry(
+            name=name, version=version, description=domain.description,
+            base_model=req.base_model, base_model_path=str(req.base_model_path),
+            path=f".versions/{name}/v{version}",
+            lora=LoraInfo(**req.lora),
+            train=TrainInfo(examples=summary["examples"], epochs=summary["epochs"],
+                            loss_first=summary["loss_first"],
+                            loss_last=summary["loss_last"], rounds=req.rounds),
+            exemplars=[s.instruction for s in domain.seeds] + sample,
+            created=utcnow(),
+            # expert vs base on the validation split, measured after training (gain.py)
+            gain=GainInfo(**summary["gain"]) if summary.get("gain") else None))
+        register(experts_dir, entry)
         return entry
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def claim_version(experts_dir: Path, name: str, staging: Path,
+                  make_entry: Callable[[int], ExpertEntry]) -> ExpertEntry:
+    """Rename the complete `staging` folder to `.versions/<name>/v<N>`, N the next free number,
+    with `make_entry(N)` as its expert.json. The rename claims N (a folder cannot be renamed onto
+    a full one), so two publishers that read the same N both succeed, one with N+1: this holds
+    where the registry lock does not exclude."""
+    versions = experts_dir / ".versions" / name
+    for _ in range(CLAIM_TRIES):
+        registry = newest_registry(experts_dir)
+        version = max([*version_dirs(experts_dir, name),
+                       registry.experts[name].version if name in registry.experts else 0]) + 1
+        entry = make_entry(version)
+        write_json(staging / "expert.json", entry.model_dump(mode="json"))
+        try:
+            os.rename(staging, versions / f"v{version}")  # the folder appears complete
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            continue  # another publisher took v<version> a moment ago
+        fsync_dir(versions)
+        return entry
+    raise RegistryError(f"could not claim a version folder in {versions} after {CLAIM_TRIES} "
+                        "tries")
+
+
+def register(experts_dir: Path, entry: ExpertEntry) -> Registry:
+    """Name a claimed version in the registry (a revision compare-and-swap, commit_registry) and
+    re-point `<name>`; returns the revision written. A newer version of the expert that another
+    publisher registered first stays current: this one is kept on disk for a rollback."""
+
+    def add(registry: Registry) -> None:
+        current = registry.experts.get(entry.name)
+        if current is None or current.version < entry.version:
+            registry.experts[entry.name] = entry
+
+    written = commit_registry(experts_dir, add)
+    _follow_symlink(experts_dir, entry.name)
+    return written
 
 
 def _follow_symlink(experts_dir: Path, name: str) -> None:

@@ -524,6 +524,73 @@ def test_publish_race_with_a_lock_that_does_not_exclude_loses_no_version(tmp_pat
     assert (experts / "shared").resolve().name == f"v{2 * rounds}"
 
 
+@pytest.mark.parametrize("lands", ["after_the_version_is_read", "before_the_revision_claim"])
+def test_experts_add_racing_another_publisher_loses_no_version(tmp_path, monkeypatch, lands):
+    """`experts add` and a second real `experts add` of the same expert, the registry lock
+    excluding nothing (as on NFS with local_lock): the second lands between the first's read of
+    the next version number and its rename, or between its rename and its revision claim."""
+    import core.registry as registry_mod
+    import specialize.manage as manage_mod
+    import specialize.publish as publish_mod
+    from core.registry import read_version, version_dirs
+    from specialize.manage import add_expert, build_add_config
+    from tests.conftest import write_domain
+    from tests.test_manage import make_adapter, tiny_base
+
+    for module in (registry_mod, manage_mod, publish_mod):
+        if hasattr(module, "locked"):
+            monkeypatch.setattr(module, "locked", lambda experts_dir: contextlib.nullcontext())
+    base, experts = tiny_base(tmp_path / "base"), tmp_path / "experts"
+    seeds = write_domain(tmp_path / "seeds", "tax") / "seeds.yaml"
+    adapters = {rank: make_adapter(tmp_path / f"r{rank}", base, rank=rank) for rank in (1, 8, 16)}
+
+    def add(rank: int):
+        return add_expert(build_add_config(name="tax", adapter=adapters[rank], experts_dir=experts,
+                                           seeds=seeds, base_model=str(base)))
+
+    add(1)  # v1, revision 1
+    armed, other = [True], []
+
+    def race():  # fires once, on the first add's call: the second add runs to the end inside it
+        if armed and armed.pop():
+            other.append(add(16))
+
+    if lands == "after_the_version_is_read":
+        real_rename = os.rename
+
+        def rename(src, dst, *a, **kw):
+            if Path(src).name.startswith(".staging-"):
+                race()
+            return real_rename(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, "rename", rename)
+    else:
+        real_claim = registry_mod._claim
+
+        def claim(experts_dir, registry):
+            race()
+            return real_claim(experts_dir, registry)
+
+        monkeypatch.setattr(registry_mod, "_claim", claim)
+    first = add(8)
+    (second,) = other
+    assert {first.after.version, second.after.version} == {2, 3}  # each its own number
+    # Both versions on disk, each with its own adapter, readable for `experts rollback --to`.
+    assert sorted(version_dirs(experts, "tax")) == [1, 2, 3]
+    for change, rank in ((first, 8), (second, 16)):
+        v = change.after.version
+        on_disk = read_version(experts, "tax", v)
+        assert (on_disk.version, on_disk.lora.rank) == (v, rank)
+        assert (experts / on_disk.adapter_path / "adapter_model.safetensors").read_bytes() == \
+            (adapters[rank] / "adapter_model.safetensors").read_bytes()
+    reg = load_registry(experts)
+    assert reg.revision == 3  # one revision per add: neither overwritten
+    assert {first.revision, second.revision} == {2, 3}
+    assert reg.experts["tax"].version == 3  # the newer version stays current
+    assert (experts / "tax").resolve().name == "v3"
+    assert not list((experts / ".versions" / "tax").glob(".staging-*"))
+
+
 def test_experts_dir_without_flock_fails_at_start(tmp_path, monkeypatch, capsys):
     import errno
 

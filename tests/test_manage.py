@@ -33,7 +33,11 @@ MODULES = {"q_proj": "model.layers.0.self_attn.q_proj", "down_proj": "model.laye
 
 @pytest.fixture
 def base(tmp_path) -> Path:
-    d = tmp_path / "tiny-base"
+    return tiny_base(tmp_path / "tiny-base")
+
+
+def tiny_base(d: Path) -> Path:
+    """A base checkpoint with just the weights the fake adapters adapt."""
     d.mkdir()
     (d / "config.json").write_text("{}")
     save_file({f"{MODULES[m]}.weight": torch.zeros(*s) for m, s in SHAPES.items()} |
