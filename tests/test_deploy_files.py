@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,6 +121,50 @@ def test_cluster_launcher_passes_rays_own_schema():
     # The experts land where deploy/cluster.yaml looks for them.
     experts_dir = load("cluster.yaml")["applications"][0]["args"]["experts_dir"]
     assert any(experts_dir in c for c in cfg["setup_commands"])
+
+
+# The installed Ray's dashboard HTTP layer (the middleware ray/dashboard/http_server_head.py puts
+# in front of every route) answering a job submission, the API that runs code: with no token, a
+# wrong one, the right one, and a health check. Prints the four statuses.
+DASHBOARD_PROBE = """
+import asyncio, os
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from ray._private.authentication.http_token_authentication import get_token_auth_middleware
+
+async def main():
+    async def ran(request):
+        return web.Response(text="ran")
+    app = web.Application(middlewares=[get_token_auth_middleware(aiohttp, ["/api/gcs_healthz"])])
+    app.router.add_post("/api/jobs/", ran)
+    app.router.add_get("/api/gcs_healthz", ran)
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    async with TestClient(TestServer(app)) as c:
+        for h in ({}, {"Authorization": "Bearer x" + token},
+                  {"x-ray-authorization": "Bearer " + token}):  # the header KubeRay sends
+            print((await c.post("/api/jobs/", headers=h)).status)
+        print((await c.get("/api/gcs_healthz")).status)
+asyncio.run(main())
+"""
+
+
+def test_no_ray_dashboard_is_open_to_the_network():
+    """The dashboard's job API runs any code, with SELFSPEC_API_KEY in its environment."""
+    # The launcher keeps it on the head's loopback (reached through `ray dashboard`'s SSH tunnel).
+    head = " ".join(load("cluster-launcher.yaml")["head_start_ray_commands"])
+    assert re.search(r"--dashboard-host[= ](\S+)", head)[1] == "127.0.0.1"
+    # KubeRay's operator deploys the app through the dashboard from its own pod, so it listens on
+    # 0.0.0.0 (KubeRay's default too) and must ask for Ray's token: the environment KubeRay gives
+    # every Ray container for authOptions (ray-operator common/pod.go), its token from a Secret.
+    cluster = load("kuberay.yaml")["spec"]["rayClusterConfig"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    if (cluster.get("authOptions") or {}).get("mode") == "token":
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    out = subprocess.run([sys.executable, "-c", DASHBOARD_PROBE], env=env, check=False,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["401", "403", "200", "200"]  # only the token holder runs code
 
 
 @pytest.mark.parametrize("args,needle", [
