@@ -48,6 +48,9 @@ class Sampling:
     seed: int | None = None
     regex: str | None = None  # constrain the output (vLLM structured outputs)
     repetition_penalty: float = 1.0
+    # Outputs per prompt (vLLM's `n`): one request, so the prompt is prefilled once for all of
+    # them; the self-consistency vote samples its answers this way.
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens vLLM's prefix cache served (not prefilled again)
+    samples: tuple[str, ...] = ()  # with Sampling.n > 1: every output's text (text is the first)
 
 
 @dataclass(frozen=True)
@@ -127,14 +131,16 @@ class VllmGenerator:
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
                                 seed=sampling.seed, structured_outputs=guided,
-                                repetition_penalty=sampling.repetition_penalty)
+                                repetition_penalty=sampling.repetition_penalty, n=sampling.n)
         lora = LoRARequest(adapter.name, adapter.int_id, str(adapter.path)) if adapter else None
         # Prompts longer than the context (a long seed plus passages) are cut from the left of
         # the demos rather than failing the whole batch.
         prompts = [self._fit(p, sampling.max_tokens) for p in prompts]
         outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
         return [Completion(o.outputs[0].text, o.outputs[0].finish_reason or "stop",
-                           len(o.prompt_token_ids or ()), o.num_cached_tokens or 0) for o in outs]
+                           len(o.prompt_token_ids or ()), o.num_cached_tokens or 0,
+                           tuple(c.text for c in o.outputs) if sampling.n > 1 else ())
+                for o in outs]
 
     def complete_tokens(self, requests: list[TokenRequest]) -> list[TokenResult]:
         """Greedy, on token ids, each request with its own adapter: one engine batch."""

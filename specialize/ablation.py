@@ -16,11 +16,17 @@ vLLM engine. Per setting the report gives:
 - with `--train-eval`, the eval gain: each setting's data is answered, trained and published
   into its own registry, and the expert is scored against the base on its domain's eval.
 
+A setting that changes only stage 3 (`RESPOND_SETTINGS`, e.g. "default+sc4") copies the
+instructions of the earlier setting with the same generation config instead of writing new ones,
+so that the two are compared on the very same instructions: another draw would differ by chance.
+
 Numbers from runs go to docs/quality.md, never here.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -38,6 +44,7 @@ from specialize.ablation_config import (  # noqa: F401 - SETTINGS re-exported fo
     AblationConfig,
     build_ablation_config,
     resolve_setting,
+    respond_changes,
 )
 from specialize.config import SpecializeConfig, build_config
 from specialize.quality import (
@@ -53,7 +60,15 @@ def setting_config(acfg: AblationConfig, name: str) -> SpecializeConfig:
     return build_config(base_model=acfg.base_model, experts_dir=acfg.out / name / "experts",
                         engine={"seed": acfg.seed}, filter=acfg.filter.model_dump(),
                         generate={**resolve_setting(name),
-                                  "num_instructions": acfg.num_instructions})
+                                  "num_instructions": acfg.num_instructions},
+                        respond=respond_changes(name))
+
+
+def copy_instructions(src, dst) -> None:
+    """Stages 1-2 of `src`'s work dir into `dst`'s (both `pipeline.DomainRun`), as if run."""
+    for stage in ("generate", "filter"):
+        shutil.copytree(src.workdir / stage, dst.workdir / stage)
+        dst.finish(stage, src.state["done"][stage], 0.0)
 
 
 # ---- the measures -----------------------------------------------------------------------------
@@ -168,17 +183,26 @@ def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, enco
                          "stage": "train+eval" if acfg.train_eval else "filter"},
               "config": acfg.model_dump(mode="json"), "settings": {}}
     generator = make_generator(base_path, configs[acfg.settings[0]].engine)
+    written: dict[tuple[str, str], tuple[str, object]] = {}  # (generate config, domain) -> run
     try:
         for name, cfg in configs.items():
             per_domain = {}
+            same = json.dumps(cfg.generate.model_dump(mode="json"), sort_keys=True)
             for d in domains:
                 t = time.time()
                 run = prepare_run(d, cfg.experts_dir / ".work" / d.name, cfg, resume=False,
                                   restart=True)
-                write_instructions(run, cfg, generator)
+                source = written.get((same, d.name))
+                if source:
+                    copy_instructions(source[1], run)
+                else:
+                    write_instructions(run, cfg, generator)
+                    written[(same, d.name)] = (name, run)
                 per_domain[d.name] = {**measure(run.workdir, d, references[d.name]),
-                                      "seconds": round(time.time() - t, 1)}
+                                      "seconds": round(time.time() - t, 1),
+                                      "instructions_of": source[0] if source else name}
             report["settings"][name] = {"changes": resolve_setting(name),
+                                        "respond_changes": respond_changes(name),
                                         "generate": cfg.generate.model_dump(mode="json"),
                                         "filter": cfg.filter.model_dump(mode="json"),
                                         "domains": per_domain}

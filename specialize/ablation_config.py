@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
 from specialize.config import FilterConfig, _Config
@@ -25,18 +25,34 @@ SETTINGS: dict[str, dict] = {
     "t0.7": {"temperature": 0.7},
     "t1.0": {"temperature": 1.0},
 }
+# Settings of stage 3 (`RespondConfig`): they change the answers, not the instructions, so only
+# `--train-eval` can see them; a setting that differs from another only here reuses that
+# setting's instructions (specialize/ablation.py).
+RESPOND_SETTINGS: dict[str, dict] = {
+    "sc4": {"self_consistency": 4},  # closed-form answers kept only when 4 samples back them
+}
 
 
 def resolve_setting(name: str) -> dict:
     """"passage+t0.7" -> the GenerateConfig fields it sets. Unknown parts are a ConfigError."""
     parts = [p.strip() for p in name.split("+")]
-    unknown = [p for p in parts if p not in SETTINGS]
+    unknown = [p for p in parts if p not in SETTINGS and p not in RESPOND_SETTINGS]
     if unknown or not name.strip():
         raise ConfigError(f"unknown ablation setting {unknown[0] if unknown else name!r}: use "
-                          f"{', '.join(SETTINGS)}, or several joined with '+' (passage+t0.7)")
+                          f"{', '.join([*SETTINGS, *RESPOND_SETTINGS])}, or several joined with "
+                          "'+' (passage+t0.7)")
     changes = {} if parts[0] == "default" else dict(PAPER)
     for p in parts:
-        changes.update(SETTINGS[p])
+        changes.update(SETTINGS.get(p, {}))
+    return changes
+
+
+def respond_changes(name: str) -> dict:
+    """"default+sc4" -> the RespondConfig fields it sets ({} for a generation-only setting)."""
+    resolve_setting(name)  # the same check of every part
+    changes: dict = {}
+    for p in name.split("+"):
+        changes.update(RESPOND_SETTINGS.get(p.strip(), {}))
     return changes
 
 
@@ -56,6 +72,13 @@ class AblationConfig(_Config):
         for name in v:
             resolve_setting(name)
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _answers_need_training(self) -> AblationConfig:
+        if not self.train_eval and (names := [s for s in self.settings if respond_changes(s)]):
+            raise ConfigError(f"ablation setting {names[0]!r} changes only the answers: add "
+                              "--train-eval, which answers, trains and scores each setting")
+        return self
 
 
 def build_ablation_config(**kwargs) -> AblationConfig:

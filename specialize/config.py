@@ -96,6 +96,12 @@ class FilterConfig(_Config):
     max_perplexity_ratio: float | None = Field(4.0, gt=1)
 
 
+def _a_vote(k: int) -> int:
+    if k == 1:
+        raise ValueError("1 sample is no majority: use 0 (off) or at least 2 samples (e.g. 4)")
+    return k
+
+
 class RespondConfig(_Config):
     """Stage 3: the base model answers each kept instruction (greedy, 5 seed demos)."""
 
@@ -114,6 +120,13 @@ class RespondConfig(_Config):
     top_k: int = Field(2, ge=1, le=10)
     passage_words: int = Field(160, ge=20, description="passages are cut to this many words")
     corpus: Path | None = None  # None: the domain's own corpus/ folder if it has one
+    # Self-consistency (specialize/consistency.py): answers sampled per closed-form task (yes/no,
+    # multiple choice, classification); stage 4 keeps the answer only when most samples give
+    # its label. 0: off until a measured run says it helps.
+    self_consistency: Annotated[int, Field(ge=0), AfterValidator(_a_vote)] = 0
+    # The samples need a temperature (greedy would repeat the answer k times); 0.7 is what
+    # Huang et al. (2022) sampled their reasoning paths at.
+    consistency_temperature: float = Field(0.7, gt=0)
 
 
 class ResponseFilterConfig(_Config):

@@ -1,7 +1,9 @@
 """Stage 4: response filtering. Drops empty answers, degenerate repetition loops (a small model's
-typical failure under greedy decoding), answers cut off by the token limit and, when
-`max_echo_share` is set, answers that mostly restate their own task; writes the final training
-set `train.jsonl` and every rejected response with its reason."""
+typical failure under greedy decoding), answers cut off by the token limit, when
+`max_echo_share` is set, answers that mostly restate their own task and, when stage 3 sampled
+votes (`respond.self_consistency`), closed-form answers that the samples' majority does not back
+("inconsistent") or that give no label ("no_label"); writes the final training set `train.jsonl`
+and every rejected response with its reason."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from core.jsonl import read_jsonl, write_json, write_jsonl
 from core.rouge import tokenize
 from specialize.config import ResponseFilterConfig
+from specialize.consistency import consistency_verdict
 
 # Function words carry no answer: "The bond is a loan" and "What is a bond?" share "is" and "a"
 # without the answer echoing anything. yes/no are the verdict of a closed-form answer, not an echo.
@@ -64,6 +67,8 @@ def response_verdict(row: dict, cfg: ResponseFilterConfig) -> tuple[str | None, 
         # Short answers are exempt: closed-form answers are short and may only repeat the task.
         if n >= cfg.echo_min_words and share >= cfg.max_echo_share:
             return "echo", f"{share:.0%} of {n} content words from the task"
+    if row.get("consistency"):  # only closed-form tasks, only when stage 3 sampled votes
+        return consistency_verdict(text, row["consistency"])
     return None, ""
 
 
@@ -82,5 +87,7 @@ def filter_responses(cfg: ResponseFilterConfig, workdir: Path, stage: str = "res
     write_jsonl(out / "rejected.jsonl", rejected)
     counts = dict(Counter(r["reason"] for r in rejected))
     summary = {"responses": len(rows), "kept": len(kept), "rejected": counts}
+    if voted := sum(1 for r in rows if r.get("consistency")):
+        summary["closed_form_voted"] = voted  # the answers the self-consistency vote judged
     write_json(out / "config.json", {"filter": cfg.model_dump(mode="json"), "result": summary})
     return summary

@@ -4,7 +4,9 @@ Prompt: a one-line domain persona, 5 seed (instruction, response) demonstrations
 top-k passages retrieved from the domain corpus (the paper's knowledge-infused variant), then the
 new instruction; greedy decoding. Round 2 instead asks the round-1 expert (through vLLM LoRA),
 in the chat format it was trained on. Responses are appended per batch; a resumed run skips
-instructions that already have one.
+instructions that already have one. With `self_consistency` k > 0, each closed-form task's
+prompt is also sampled k times and the samples' labels are stored with the answer, for stage 4's
+vote (specialize/consistency.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from core.engine import Adapter, Generator, Sampling
 from core.jsonl import append_jsonl, read_jsonl, resume_jsonl, write_json
 from core.seeds import Domain
 from specialize.config import RespondConfig
+from specialize.consistency import sample_votes
 from specialize.prompts import (
     RESPONSE_STOP,
     Task,
@@ -75,10 +78,11 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
                               repetition_penalty=cfg.repetition_penalty,
                               stop=RESPONSE_STOP, seed=zlib.crc32(f"{stage}:{start}".encode())),
             adapter=adapter)
+        votes = sample_votes(generator, prompts, tasks, cfg, adapter)
         append_jsonl(path, [
             {**row, "response": clean_response(c.text), "finish_reason": c.finish_reason,
-             "passages": ids}
-            for row, c, ids in zip(rows, completions, hits)])
+             "passages": ids, **({"consistency": v} if v else {})}
+            for row, c, ids, v in zip(rows, completions, hits, votes)])
         prompt_tokens += sum(c.prompt_tokens for c in completions)
         cached_tokens += sum(c.cached_tokens for c in completions)
         bar.update(len(rows))

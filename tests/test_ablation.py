@@ -166,7 +166,33 @@ def test_train_eval_adds_each_setting_s_eval_gain(tmp_path, seeds, base, monkeyp
     assert "+0.050" in format_report(report)
 
 
+def test_an_answers_only_setting_reuses_the_instructions_and_sets_stage_3(tmp_path, seeds, base,
+                                                                         monkeypatch):
+    configs = []
+    monkeypatch.setattr("specialize.pipeline.specialize",
+                        lambda domains, cfg, resume=False, **_: configs.append(cfg) or [])
+    acfg = build_ablation_config(domains=["alpha"], settings=["default", "default+sc4"],
+                                 num_instructions=3, base_model=str(base), out=tmp_path / "abl",
+                                 train_eval=True, filter=RULES_ONLY)
+    gen = MixedWriter()
+    report = run_ablation(acfg, make_generator=lambda *a, **k: gen, encoder=KeywordEncoder(),
+                          eval_gain=lambda e, domains, out: {})
+    assert [c.respond.self_consistency for c in configs] == [0, 4]
+    assert configs[0].generate == configs[1].generate
+    # one generation, copied: both arms are compared on the very same instructions (the
+    # writer numbers every task it writes, so a second generation would keep other ones)
+    kept = [(tmp_path / "abl" / s / "experts" / ".work" / "alpha" / "filter" / "kept.jsonl")
+            .read_text() for s in ("default", "default+sc4")]
+    assert kept[0] == kept[1] and kept[0]
+    arm = report["settings"]["default+sc4"]
+    assert arm["respond_changes"] == {"self_consistency": 4}
+    assert arm["domains"]["alpha"]["instructions_of"] == "default"
+    assert arm["domains"]["alpha"]["kept"] == report["settings"]["default"]["domains"]["alpha"][
+        "kept"]
+
+
 @pytest.mark.parametrize("args, message", [
+    (["ablate", "alpha", "--settings", "default,default+sc4"], "add --train-eval"),
     (["ablate", "alpha", "--settings", "paper,bogus"], "unknown ablation setting 'bogus'"),
     (["ablate", "alpha", "--settings", "+"], "unknown ablation setting"),
     (["ablate", "alpha", "--num-instructions", "0"], "--num-instructions"),

@@ -302,3 +302,43 @@ def test_dense_retrieval_grounds_answers_in_the_nearest_passages(tmp_path, tiny_
         assert cos[row["passages"][0]] >= best[0] - 1e-3, (row, best[:3])
         assert cos[row["passages"][1]] >= best[1] - 1e-3, (row, best[:3])
         assert row["passages"][0] != row["passages"][1]
+
+
+def test_self_consistency_samples_k_answers_in_one_request_each(tmp_path, engine):
+    """respond.self_consistency for real: vLLM's `n` returns k sampled answers per closed-form
+    prompt in one request, the stage stores one vote per sample, and stage 4 judges exactly
+    the closed-form answers (a random model's answers open with no label, so the vote rejects
+    both; the open-ended answer is never judged)."""
+    from core.engine import Sampling
+    from core.jsonl import append_jsonl
+    from core.seeds import load_domain
+    from specialize.config import RespondConfig, ResponseFilterConfig
+    from specialize.filter_responses import filter_responses
+    from specialize.respond import generate_responses
+    from tests.integration.conftest import Shared
+
+    (one,) = engine.complete(["Is 221 a prime number?"], Sampling(temperature=1.0, max_tokens=8,
+                                                                   n=4))
+    assert len(one.samples) == 4 and one.text == one.samples[0]
+    assert len(set(one.samples)) > 1  # sampled, not one answer repeated
+
+    append_jsonl(tmp_path / "filter" / "kept.jsonl", [
+        {"id": "m-yes", "instruction": "Is 221 a prime number?", "input": ""},
+        {"id": "m-mc", "instruction": "What is the slope of the line 4x - 2y = 6?",
+         "input": "A) -2 B) 4 C) 3 D) 2"},
+        {"id": "m-open", "instruction": "Explain what a derivative measures.", "input": ""}])
+    shared = Shared(engine)
+    # Sampled answers: greedy, a random model loops on "\n" and the answer would be "empty".
+    cfg = RespondConfig(self_consistency=3, max_tokens=16, retrieval="none", temperature=1.0)
+    generate_responses(load_domain("math"), cfg, shared, tmp_path)
+    assert shared.calls == 2  # the answers, then one request per closed-form prompt
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "respond" / "responses.jsonl")}
+    assert [len(rows[k]["consistency"]["votes"]) for k in ("m-yes", "m-mc")] == [3, 3]
+    assert rows["m-mc"]["consistency"]["labels"] == ["A", "B", "C", "D"]
+    assert "consistency" not in rows["m-open"]
+    summary = filter_responses(ResponseFilterConfig(drop_truncated=False), tmp_path)
+    assert summary["closed_form_voted"] == 2
+    rejected = {r["id"]: r["reason"] for r in
+                read_jsonl(tmp_path / "respond_filter" / "rejected.jsonl")}
+    assert set(rejected) == {"m-yes", "m-mc"}
+    assert set(rejected.values()) <= {"no_label", "inconsistent"}
