@@ -96,6 +96,27 @@ class FilterConfig(_Config):
     max_perplexity_ratio: float | None = Field(4.0, gt=1)
 
 
+QueryStyle = Literal["story", "lay", "keywords", "exam", "task"]
+
+
+class QueriesConfig(_Config):
+    """Stage 2b (issue 17): the base model writes routing queries the ways users ask, from the
+    seeds rewritten into each style and one corpus passage per prompt; filtered like
+    instructions. Kept ones become router exemplars (`SpecializeConfig.router_queries`)."""
+
+    candidates: int = Field(40, ge=1, description="queries the base model writes per domain, "
+                            "spread evenly over the styles")
+    styles: tuple[QueryStyle, ...] = ("story", "lay", "keywords", "exam", "task")
+    demos_per_prompt: int = Field(3, ge=1, le=8)  # seeds rewritten into the prompt's style
+    items_per_prompt: int = Field(4, ge=1, le=10)  # queries one completion may write
+    temperature: float = Field(0.7, ge=0)  # stage 1's measured choice (docs/quality.md)
+    top_p: float = Field(0.98, gt=0, le=1)
+    focus_words: int = Field(120, ge=20, le=400, description="a focus passage's length cap")
+    rouge_threshold: float = Field(0.7, gt=0, le=1)  # as the instruction filter's
+    relevance_margin: float = Field(0.0, ge=-1, le=1)  # own domain - best rival, as the filter's
+    relevance_top_k: int = Field(3, ge=1, le=20)
+
+
 def _a_vote(k: int) -> int:
     if k == 1:
         raise ValueError("1 sample is no majority: use 0 (off) or at least 2 samples (e.g. 4)")
@@ -208,9 +229,13 @@ class SpecializeConfig(_Config):
     rounds: int = Field(1, ge=1, le=2)
     # How many kept generated instructions the router gets as exemplars (besides every seed).
     router_exemplars: int = Field(32, ge=0)
+    # How many kept generated user-style queries (stage 2b) the router also gets; 0 turns the
+    # stage off. docs/router.md "What each indexed source gives" measured it.
+    router_queries: int = Field(32, ge=0)
     engine: EngineConfig = EngineConfig()
     generate: GenerateConfig = GenerateConfig()
     filter: FilterConfig = FilterConfig()
+    queries: QueriesConfig = QueriesConfig()
     respond: RespondConfig = RespondConfig()
     responses: ResponseFilterConfig = ResponseFilterConfig()
     train: TrainConfig = TrainConfig()

@@ -33,6 +33,7 @@ from specialize.filter_responses import filter_responses
 from specialize.gain import VALIDATION_FILE, load_validation
 from specialize.generate import generate_instructions
 from specialize.publish import PublishRequest, ensure_writable, publish_expert
+from specialize.queries import generate_queries, kept_queries
 from specialize.respond import generate_responses
 from specialize.retrieve import build_retriever
 from specialize.train import train_adapter
@@ -153,7 +154,8 @@ def specialize(domains: list[str], cfg: SpecializeConfig, resume: bool = False,
                 train_summary=run.state["done"][final], base_model=cfg.base_model,
                 base_model_path=base_path,
                 resolved_config=cfg.model_dump(mode="json", by_alias=True), rounds=cfg.rounds,
-                n_exemplars=cfg.router_exemplars, seed=cfg.engine.seed))
+                n_exemplars=cfg.router_exemplars, seed=cfg.engine.seed,
+                queries=tuple(kept_queries(run.workdir, cfg.router_queries))))
         run.finish("published", {"version": entry.version}, time.time() - started)
         summary["seconds"]["publish"] = round(time.time() - started, 1)
         summary["version"] = entry.version
@@ -229,6 +231,7 @@ def _generate_data(run: DomainRun, cfg: SpecializeConfig, generator: Generator,
     write_instructions(run, cfg, generator, through=last)
     if last in ("generate", "filter"):
         return
+    write_queries(run, cfg, generator)
     if not run.done("respond"):
         t = time.time()
         res = generate_responses(run.domain, cfg.respond, generator, run.workdir,
@@ -257,6 +260,15 @@ def write_instructions(run: DomainRun, cfg: SpecializeConfig,
             raise ConfigError(f"{d.name}: the base model wrote no usable instruction in "
                               f"{res['candidates']} candidates; see {wd}/filter/rejected.jsonl")
         run.finish("filter", res, time.time() - t)
+
+
+def write_queries(run: DomainRun, cfg: SpecializeConfig, generator: Generator | None) -> None:
+    """Stage 2b: user-style routing queries for the router's exemplars (off when
+    `router_queries` is 0). `generator` may be None only when the stage is done or off."""
+    if cfg.router_queries and not run.done("queries"):
+        t = time.time()
+        res = generate_queries(run.domain, cfg.queries, generator, run.workdir, cfg.engine.seed)
+        run.finish("queries", res, time.time() - t)
 
 
 def filter_answers(run: DomainRun, cfg: SpecializeConfig) -> None:

@@ -50,6 +50,9 @@ DATA_FILES = {
     "respond_filter/rejected.jsonl": "rejected_responses.jsonl",
     "respond2/responses.jsonl": "responses_round2.jsonl",
     "respond2_filter/rejected.jsonl": "rejected_responses_round2.jsonl",
+    "queries/candidates.jsonl": "generated_queries.jsonl",
+    "queries/kept.jsonl": "kept_queries.jsonl",
+    "queries/rejected.jsonl": "rejected_queries.jsonl",
 }
 
 
@@ -84,6 +87,7 @@ class PublishRequest:
     rounds: int
     n_exemplars: int  # kept generated instructions the router gets besides every seed
     seed: int = 0  # picks those instructions
+    queries: tuple[str, ...] = ()  # kept user-style queries (queries.py), also router exemplars
 
 
 def publish_expert(req: PublishRequest) -> ExpertEntry:

@@ -29,6 +29,7 @@ from specialize.pipeline import (
     retriever_for,
     specialize,
     write_instructions,
+    write_queries,
 )
 from specialize.respond import generate_responses
 
@@ -50,10 +51,11 @@ def prepare_shards(domain_path: str, cfg: SpecializeConfig, shards: int, make_ge
     wd = run.workdir
     if run.done("respond"):
         return shards
-    generator = None if run.done("generate") else make_generator(
-        resolve_base_model(cfg.base_model), cfg.engine)
+    done = run.done("generate") and (run.done("queries") or not cfg.router_queries)
+    generator = None if done else make_generator(resolve_base_model(cfg.base_model), cfg.engine)
     try:
         write_instructions(run, cfg, generator)
+        write_queries(run, cfg, generator)
     finally:
         if generator is not None:
             generator.close()
