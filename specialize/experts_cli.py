@@ -1,5 +1,5 @@
 """`selfspec experts`: list, add, roll back, remove and show the experts of a registry (the
-changes themselves: specialize/manage.py). Every change goes through the registry's
+changes themselves: specialize/add.py and specialize/manage.py). Every change goes through the registry's
 compare-and-swap, so a running server picks it up at its next poll."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def experts_parser(sub) -> None:
 
 
 def _run_experts_add(args) -> int:
-    from specialize.manage import add_expert, build_add_config
+    from specialize.add import add_expert, build_add_config
 
     cfg = build_add_config(
         name=args.name, adapter=args.adapter, experts_dir=args.experts_dir, seeds=args.seeds,

@@ -530,10 +530,10 @@ def test_experts_add_racing_another_publisher_loses_no_version(tmp_path, monkeyp
     excluding nothing (as on NFS with local_lock): the second lands between the first's read of
     the next version number and its rename, or between its rename and its revision claim."""
     import core.registry as registry_mod
-    import specialize.manage as manage_mod
+    import specialize.add as manage_mod
     import specialize.publish as publish_mod
     from core.registry import read_version, version_dirs
-    from specialize.manage import add_expert, build_add_config
+    from specialize.add import add_expert, build_add_config
     from tests.conftest import write_domain
     from tests.test_manage import make_adapter, tiny_base
 

@@ -14,16 +14,8 @@ import selfspec.cli
 from core.errors import AdapterError, ExpertNotFoundError, RegistryError
 from core.registry import GainInfo, load_registry, write_registry
 from selfspec.cli import main
-from specialize.manage import (
-    _model_name,
-    add_expert,
-    build_add_config,
-    describe_expert,
-    format_expert,
-    read_exemplars,
-    remove_expert,
-    rollback_expert,
-)
+from specialize.add import _model_name, add_expert, build_add_config, read_exemplars
+from specialize.manage import describe_expert, format_expert, remove_expert, rollback_expert
 from tests.conftest import write_domain
 
 # (out, in) of each base weight the fake adapters adapt.
