@@ -13,7 +13,8 @@ well-formedness check of `quality.py` (not for keywords, which are no sentence b
 placeholders, eval contamination, near-duplicates by ROUGE-L against the seeds, the shown demos
 and every query kept before, and the domain-relevance check of the instruction filter (nearest
 reference set must be the domain's own, against the other domains and everyday tasks). Files:
-`queries/candidates.jsonl`, `queries/kept.jsonl`, `queries/rejected.jsonl` (with the reason).
+`queries/candidates.jsonl`, `queries/demos.jsonl` (what the prompts showed), `queries/kept.jsonl`,
+`queries/rejected.jsonl` (with the reason).
 The kept ones become router exemplars at publish (`kept_queries`).
 """
 
@@ -89,18 +90,29 @@ class Query:
     style: str
 
 
-def style_demo(style: str, seed: str, topic: str, rng: random.Random) -> str | None:
+def content_words(text: str) -> list[str]:
+    """The words a keyword query would keep, lowercased, once each, in order."""
+    words = [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z'\-]*", text)]
+    return [w for w in dict.fromkeys(words) if w not in STOPWORDS and w not in QUESTION_WORDS
+            and w not in DANGLING and w not in TASK_VERBS and len(w) > 2]
+
+
+def style_demo(style: str, seed: str, topic: str, rng: random.Random,
+               df: dict[str, int] | None = None) -> str | None:
     """One seed instruction rewritten into `style` by a template; None when it cannot be (a
-    seed with fewer than two content words has no keyword form)."""
+    seed with fewer than two content words has no keyword form). `topic`: what a story says
+    it is about; `df`: in how many seeds each word occurs, so that keywords are the seed's
+    three most specific words (in their order), not its first three."""
     seed = " ".join(seed.split())
     lower = seed[:1].lower() + seed[1:]
     if style == "exam":
         return seed
     if style == "keywords":
-        words = [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z'\-]*", seed)]
-        content = [w for w in dict.fromkeys(words) if w not in STOPWORDS and w not in
-                   QUESTION_WORDS and w not in DANGLING and w not in TASK_VERBS and len(w) > 2]
-        return " ".join(content[:3]) if len(content) >= 2 else None
+        content = content_words(seed)
+        if len(content) < 2:
+            return None
+        chosen = set(sorted(content, key=lambda w: (df or {}).get(w, 0))[:3])
+        return " ".join(w for w in content if w in chosen)
     if style == "lay":
         return rng.choice(LAY_OPENERS) + lower
     if style == "story":
@@ -229,6 +241,10 @@ def generate_queries(domain: Domain, cfg: QueriesConfig, generator: Generator, w
     seeds = [s.instruction for s in domain.seeds if not s.input]
     seeds = seeds or [s.instruction for s in domain.seeds]
     topics = subtopics(domain.description)
+    df: dict[str, int] = {}
+    for s in seeds:
+        for w in content_words(s):
+            df[w] = df.get(w, 0) + 1
     focuses = [Focus(passage=p) for p in (load_passages(domain.corpus_dir, cfg.focus_words)
                                           if domain.corpus_dir else [])] \
         or [Focus(subtopic=t) for t in topics]
@@ -240,7 +256,7 @@ def generate_queries(domain: Domain, cfg: QueriesConfig, generator: Generator, w
         for _ in range(-(-want // cfg.items_per_prompt)):
             demos = []
             for s in rng.sample(seeds, len(seeds)):
-                d = style_demo(style, s, rng.choice(topics), rng)
+                d = style_demo(style, s, story_topic(s, topics, domain.name), rng, df)
                 if d is not None:
                     demos.append(d)
                 if len(demos) == cfg.demos_per_prompt:
@@ -261,19 +277,23 @@ def generate_queries(domain: Domain, cfg: QueriesConfig, generator: Generator, w
     candidates = [q for style, want in per_style.items() for q in got[style][:want]]
     write_jsonl(out / "candidates.jsonl", [{"query": q.text, "style": q.style}
                                           for q in candidates])
-    result = filter_queries(domain, cfg, out, shown, encoder)
+    write_jsonl(out / "demos.jsonl", [{"demo": d} for d in shown])
+    result = filter_queries(domain, cfg, out, encoder)
     return {**result, "seconds": round(time.time() - started, 1)}
 
 
-def filter_queries(domain: Domain, cfg: QueriesConfig, out: Path, shown: list[str] = (),
-                   encoder=None) -> dict:  # type: ignore[assignment]
+def filter_queries(domain: Domain, cfg: QueriesConfig, out: Path, encoder=None) -> dict:
     """Filter `out/candidates.jsonl` into kept.jsonl / rejected.jsonl; counts by reason and style.
-    Separate from generation so a filter setting can be re-run on the same candidates."""
+    Separate from generation so a filter setting can be re-run on the same candidates. The
+    demos the prompts showed (`demos.jsonl`) join the near-duplicate pool: a copied demo is
+    a seed in disguise."""
     rows = read_jsonl(out / "candidates.jsonl")
+    shown = [r["demo"] for r in read_jsonl(out / "demos.jsonl")] \
+        if (out / "demos.jsonl").exists() else []
     # Looked up at call time, like the pipeline's: tests swap in a light encoder.
     encoder = encoder or quality.load_default_encoder()
     reference = build_reference(domain, encoder, cfg.relevance_top_k)
-    filt = QueryFilter(domain, cfg, reference, list(shown))
+    filt = QueryFilter(domain, cfg, reference, shown)
     verdicts = filt.check_all([Query(r["query"], r["style"]) for r in rows])
     kept = [r for r, (reason, _) in zip(rows, verdicts) if reason is None]
     rejected = [{**r, "reason": reason, "detail": detail}
@@ -287,6 +307,14 @@ def filter_queries(domain: Domain, cfg: QueriesConfig, out: Path, shown: list[st
                     "kept": sum(r["style"] == s for r in kept)} for s in cfg.styles}
     return {"candidates": len(rows), "kept": len(kept), "rejected": reasons,
             "by_style": by_style}
+
+
+def story_topic(seed: str, topics: list[str], fallback: str) -> str:
+    """The description's subtopic that shares most words with the seed (a story about
+    "counting and probability" before a dice question); the domain's name if none does."""
+    words = set(content_words(seed))
+    best = max(topics, key=lambda t: len(words & set(content_words(t))), default=fallback)
+    return best if words & set(content_words(best)) else fallback
 
 
 def kept_queries(workdir: Path, n: int) -> list[str]:
