@@ -250,13 +250,15 @@ def flag_settings(args) -> dict:
 
 
 def _ablate_parser(sub) -> None:
-    from specialize.ablation_config import SETTINGS, AblationConfig
+    from specialize.ablation_config import RESPOND_SETTINGS, SETTINGS, AblationConfig
 
     p = sub.add_parser("ablate", help="measure instruction-generation settings against each other",
                        description="Runs each named generation setting on the domains up to the "
                        "instruction filter (optionally through training and eval) and reports "
                        "keep rate, on-domain rate, fragment rate and eval gain per setting. "
-                       f"Settings: {', '.join(SETTINGS)}; join several with '+' (passage+t0.7).")
+                       f"Settings: {', '.join(SETTINGS)}; join several with '+' (passage+t0.7). "
+                       f"Answer settings (need --train-eval): {', '.join(RESPOND_SETTINGS)} "
+                       "(default+sc4: self-consistency on closed-form answers).")
     p.add_argument("domains", nargs="+", metavar="DOMAIN")
     p.add_argument("--settings", default=None, metavar="A,B",
                    help="comma-separated setting names (default: "
