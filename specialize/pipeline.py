@@ -3,9 +3,10 @@
 All domains of a run share one vLLM engine (start-up costs ~35 s on CPU), so the run goes in
 phases: generate + filter (+ user-style router queries) + respond + filter for every domain, free
 the engine, train + validate every domain, (round 2: regenerate responses with each round-1
-expert through vLLM LoRA, retrain), then publish each expert atomically. Each domain's work dir `<experts>/.work/<domain>/` records
-finished stages in `state.json`; `--resume` skips them and continues the append-only files of the
-stage that was interrupted. A successful publish removes the work dir.
+expert through vLLM LoRA, retrain), then publish each expert atomically. Each domain's work dir
+`<experts>/.work/<domain>/` records finished stages in `state.json`; `--resume` skips them and
+continues the append-only files of the stage that was interrupted. A successful publish removes
+the work dir.
 """
 
 from __future__ import annotations
