@@ -5,9 +5,9 @@ and the base model answers what one of them would take."""
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
-from core.build_status import BuildStatus, DomainProgress, clear_build_status, \
-    write_build_status
+from core.build_status import BuildStatus, DomainProgress, clear_build_status, write_build_status
 from core.registry import load_registry
 from core.seeds import load_domain
 from router.preview import preview_router
@@ -19,8 +19,9 @@ from tests.test_router import FakeEncoder, write_reg
 class WordEncoder(FakeEncoder):
     """FakeEncoder, with one more axis per shipped domain's key words."""
 
-    WORDS = {"finance": ("interest", "bond", "stock", "loan", "tax", "price", "market"),
-             "math": ("solve", "x", "equation", "integral", "sum", "number", "triangle")}
+    WORDS: ClassVar[dict] = {
+        "finance": ("interest", "bond", "stock", "loan", "tax", "price", "market"),
+        "math": ("solve", "x", "equation", "integral", "sum", "number", "triangle")}
 
     def __init__(self):
         super().__init__(dim=8)
@@ -77,7 +78,7 @@ def bare_server(experts_dir):
 def test_reload_follows_building_json_before_the_first_expert(tmp_path):
     server = bare_server(tmp_path)
     assert asyncio.run(server.reload())["previewing"] == []
-    assert server.router is None and not server._read_building() != server._building
+    assert server.router is None and server._read_building() == server._building
 
     write_build_status(tmp_path, BuildStatus(domains={
         "math": DomainProgress(state="running", stage="generate"),

@@ -64,7 +64,7 @@ class FakeEngine:
         yield Answer(body, Usage(5, 2))
 
     async def respond(self, kind, request, expert):
-        return [item async for item in self.generate(kind, request, expert)][0]
+        return [item async for item in self.generate(kind, request, expert)][0]  # noqa: RUF015
 
     async def catalog(self):
         return json.loads(json.dumps(self.cat))

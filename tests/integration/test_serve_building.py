@@ -83,8 +83,12 @@ def test_expert_in_progress_then_served_once_published(serve_app, tiny_model, tm
 def test_auto_routes_by_the_seeds_of_an_expert_being_made(serve_app):
     """Before math's expert exists, the real router (MiniLM, FAISS) scores math's shipped seeds:
     a math question goes to the base model, with a reason naming the expert that is coming."""
-    from core.build_status import BuildStatus, DomainProgress, clear_build_status, \
-        write_build_status
+    from core.build_status import (
+        BuildStatus,
+        DomainProgress,
+        clear_build_status,
+        write_build_status,
+    )
 
     url, experts = serve_app
     question = {"model": "auto", "max_tokens": 4, "temperature": 0, "messages": [

@@ -447,8 +447,8 @@ def test_app_builder_holds_a_serve_yaml_to_the_exposure_rule(serve_app, monkeypa
     """A Serve YAML (`serve run deploy/gpu.yaml`) sets the host in http_options only, which never
     reach the app's args: the builder reads it from the running Serve. Here Serve listens on
     loopback; once the host it reads is a public one, an open app is refused."""
-    import serve.app as app
     from core.errors import ConfigError
+    from serve import app
 
     assert app.serve_http_host() == "127.0.0.1"  # the real controller's answer
     monkeypatch.delenv("SELFSPEC_API_KEY", raising=False)
