@@ -229,9 +229,11 @@ class SpecializeConfig(_Config):
     rounds: int = Field(1, ge=1, le=2)
     # How many kept generated instructions the router gets as exemplars (besides every seed).
     router_exemplars: int = Field(32, ge=0)
-    # How many kept generated user-style queries (stage 2b) the router also gets; 0 turns the
-    # stage off. docs/router.md "What each indexed source gives" measured it.
-    router_queries: int = Field(32, ge=0)
+    # How many kept generated user-style queries (stage 2b, specialize/queries.py) the router
+    # also gets; 0 turns the stage off. Off: on the user-style dev split they moved no in-domain
+    # query to its expert and pulled one or two off-topic ones onto an expert (docs/router.md,
+    # "What each indexed source gives").
+    router_queries: int = Field(0, ge=0)
     engine: EngineConfig = EngineConfig()
     generate: GenerateConfig = GenerateConfig()
     filter: FilterConfig = FilterConfig()

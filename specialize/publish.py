@@ -124,7 +124,7 @@ def publish_expert(req: PublishRequest) -> ExpertEntry:
             train=TrainInfo(examples=summary["examples"], epochs=summary["epochs"],
                             loss_first=summary["loss_first"],
                             loss_last=summary["loss_last"], rounds=req.rounds),
-            exemplars=[s.instruction for s in domain.seeds] + sample,
+            exemplars=[s.instruction for s in domain.seeds] + sample + list(req.queries),
             created=utcnow(),
             # expert vs base on the validation split, measured after training (gain.py)
             gain=GainInfo(**summary["gain"]) if summary.get("gain") else None))

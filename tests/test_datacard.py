@@ -154,8 +154,7 @@ def test_stop_after_previews_and_resumes(tmp_path, seeds, base, no_encoder):
     out = specialize(["alpha"], cfg, resume=True, make_generator=make,
                      stop_after="filter_responses")
     state = json.loads((wd / "state.json").read_text())
-    assert list(state["done"]) == ["generate", "filter", "queries", "respond",
-                                  "respond_filter"]
+    assert list(state["done"]) == ["generate", "filter", "respond", "respond_filter"]
     assert state["done"]["generate"]["candidates"] == out[0]["stages"]["generate"]["candidates"]
     card = json.loads((wd / "data_card.json").read_text())
     assert card["stopped_after"] == "filter_responses"

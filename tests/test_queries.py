@@ -53,6 +53,8 @@ class QueryWriter(FakeGenerator):
         self.prompts: list[str] = []
 
     def complete(self, prompts, sampling, adapter=None):
+        if not re.search(r"\d+\.$", prompts[0]):  # instructions or answers: the shared fake's
+            return super().complete(prompts, sampling, adapter)
         self.calls.append((len(prompts), sampling, adapter))
         out = []
         for p in prompts:
@@ -158,3 +160,41 @@ def test_router_queries_is_a_setting_and_zero_is_off():
     assert resolve_config(settings=["router_queries=0"]).router_queries == 0
     cfg = resolve_config(settings=["queries.candidates=80", "queries.relevance_margin=0.05"])
     assert (cfg.queries.candidates, cfg.queries.relevance_margin) == (80, 0.05)
+
+
+def test_pipeline_publishes_kept_queries_as_router_exemplars(tmp_path, monkeypatch, fake_base):
+    from core.registry import load_registry
+    from specialize import pipeline
+    from specialize.config import build_config
+    from specialize.pipeline import specialize
+
+    def train(base_path, cfg, train_file, out, gain_items, gain_cfg):  # no PEFT: seconds
+        (out / "adapter").mkdir(parents=True)
+        (out / "adapter" / "adapter_config.json").write_text("{}")
+        for f in ("loss.json", "loss.png"):
+            (out / f).write_text("[]")
+        return {"examples": 3, "epochs": 1, "loss_first": 2.0, "loss_last": 1.0}
+
+    monkeypatch.setattr(pipeline, "train_adapter", train)
+    monkeypatch.setattr(pipeline, "validate_adapter", lambda *a: {
+        "rank": 8, "alpha": 16, "target_modules": ["q_proj"]})
+    base = dict(base_model=str(fake_base), respond={"retrieval": "none"}, gain={"enabled": False},
+                generate={"num_instructions": 3, "prompts_per_batch": 1}, router_exemplars=2,
+                # the fake's "Explain t1w0 ... clearly" is no real task: rule filters only
+                filter={"wellformed": False, "relevance": False, "max_perplexity_ratio": None},
+                queries={"candidates": 10, "items_per_prompt": 2})
+    off = specialize(["biomedicine"], build_config(**base, experts_dir=tmp_path / "off"),
+                     make_generator=lambda *a, **k: QueryWriter())
+    on = specialize(["biomedicine"], build_config(**base, experts_dir=tmp_path / "on",
+                                                  router_queries=3),
+                    make_generator=lambda *a, **k: QueryWriter())
+    seeds = len(load_domain("biomedicine").seeds)
+    ex_off = load_registry(tmp_path / "off").experts["biomedicine"].exemplars
+    ex_on = load_registry(tmp_path / "on").experts["biomedicine"].exemplars
+    assert "queries" not in off[0]["seconds"] and len(ex_off) == seeds + 2
+    assert "queries" in on[0]["seconds"] and ex_on[:-3] == ex_off
+    good = [t for items in WRITES.values() for t, reason in items if reason is None]
+    assert ex_on[-3:] == good[:3]  # one per style in turn: story, lay, keywords
+    data = tmp_path / "on" / "biomedicine" / "data"
+    assert len(read_jsonl(data / "kept_queries.jsonl")) == 5
+    assert len(read_jsonl(data / "rejected_queries.jsonl")) == 5
