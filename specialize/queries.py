@@ -30,8 +30,8 @@ from core.engine import Completion, Generator, Sampling
 from core.jsonl import read_jsonl, write_json, write_jsonl
 from core.rouge import RougeIndex, tokenize
 from core.seeds import Domain
-from specialize.config import QueriesConfig
 from specialize import quality
+from specialize.config import QueriesConfig
 from specialize.prompts import Focus, subtopics
 from specialize.quality import (
     DANGLING,
@@ -76,12 +76,17 @@ LAY_OPENERS = ("In simple words, please: ", "I am not an expert, so plainly: ",
 TASK_OPENERS = ("Write a short explanation for a newcomer: ", "Draft a brief note that "
                 "answers this: ", "Prepare a one-paragraph summary for a colleague: ")
 # Words a keyword query leaves out, besides question words, dangling words and task verbs.
-STOPWORDS = frozenset("""a an the of to in on at by for from with and or but not no nor as is are
-was were be been being it its this that these those there their they them he she his her you your
-we our i my me do does did done what which who whom whose when where why how than then so such
-can could should would will shall may might must one two three each every some any all both
-between about into over under after before during main usually generally often most more less
-give gives given say says said state states name names whether if also only other same""".split())
+STOPWORDS = frozenset([
+    "a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "from", "with", "and", "or",
+    "but", "not", "no", "nor", "as", "is", "are", "was", "were", "be", "been", "being", "it",
+    "its", "this", "that", "these", "those", "there", "their", "they", "them", "he", "she", "his",
+    "her", "you", "your", "we", "our", "i", "my", "me", "do", "does", "did", "done", "what",
+    "which", "who", "whom", "whose", "when", "where", "why", "how", "than", "then", "so", "such",
+    "can", "could", "should", "would", "will", "shall", "may", "might", "must", "one", "two",
+    "three", "each", "every", "some", "any", "all", "both", "between", "about", "into", "over",
+    "under", "after", "before", "during", "main", "usually", "generally", "often", "most", "more",
+    "less", "give", "gives", "given", "say", "says", "said", "state", "states", "name", "names",
+    "whether", "if", "also", "only", "other", "same"])
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def test_demos_are_seeds_rewritten_never_the_routing_eval_sets(tmp_path, biomedi
         for demo in demos:
             # a demo is a seed, or a seed behind a template opener, or a seed's keywords
             words = set(demo.lower().split())
-            assert any(demo.endswith(s) or demo.endswith(s[1:]) or
+            assert any(demo.endswith((s, s[1:])) or
                        words <= set(re.findall(r"[a-z][a-z'\-]*", s.lower()))
                        for s in seeds), demo
     story = next(p for p in gen.prompts if STYLE_LINES["story"] in p)
@@ -178,11 +178,12 @@ def test_pipeline_publishes_kept_queries_as_router_exemplars(tmp_path, monkeypat
     monkeypatch.setattr(pipeline, "train_adapter", train)
     monkeypatch.setattr(pipeline, "validate_adapter", lambda *a: {
         "rank": 8, "alpha": 16, "target_modules": ["q_proj"]})
-    base = dict(base_model=str(fake_base), respond={"retrieval": "none"}, gain={"enabled": False},
-                generate={"num_instructions": 3, "prompts_per_batch": 1}, router_exemplars=2,
-                # the fake's "Explain t1w0 ... clearly" is no real task: rule filters only
-                filter={"wellformed": False, "relevance": False, "max_perplexity_ratio": None},
-                queries={"candidates": 10, "items_per_prompt": 2})
+    base = {"base_model": str(fake_base), "respond": {"retrieval": "none"},
+            "gain": {"enabled": False}, "router_exemplars": 2,
+            "generate": {"num_instructions": 3, "prompts_per_batch": 1},
+            # the fake's "Explain t1w0 ... clearly" is no real task: rule filters only
+            "filter": {"wellformed": False, "relevance": False, "max_perplexity_ratio": None},
+            "queries": {"candidates": 10, "items_per_prompt": 2}}
     off = specialize(["biomedicine"], build_config(**base, experts_dir=tmp_path / "off"),
                      make_generator=lambda *a, **k: QueryWriter())
     on = specialize(["biomedicine"], build_config(**base, experts_dir=tmp_path / "on",
