@@ -342,3 +342,23 @@ def test_self_consistency_samples_k_answers_in_one_request_each(tmp_path, engine
                 read_jsonl(tmp_path / "respond_filter" / "rejected.jsonl")}
     assert set(rejected) == {"m-yes", "m-mc"}
     assert set(rejected.values()) <= {"no_label", "inconsistent"}
+
+
+def test_user_style_queries_through_real_vllm(tmp_path, engine):
+    """Stage 2b on the real engine: the guided format holds for every style (one line an item,
+    within the style's length cap), the candidates are parsed and filtered with the real encoder
+    (a random model's noise is rejected, each with its reason)."""
+    from core.seeds import load_domain
+    from specialize.config import QueriesConfig
+    from specialize.queries import MAX_CHARS, generate_queries
+    from tests.integration.conftest import Shared
+
+    shared = Shared(engine)
+    cfg = QueriesConfig(candidates=10, items_per_prompt=2)
+    res = generate_queries(load_domain("math"), cfg, shared, tmp_path)
+    assert shared.calls == 5  # one engine call per style
+    rows = read_jsonl(tmp_path / "queries" / "candidates.jsonl")
+    assert 5 <= len(rows) == res["candidates"] <= 10  # at least one item per prompt
+    assert all("\n" not in r["query"] and len(r["query"]) <= MAX_CHARS[r["style"]] for r in rows)
+    rejected = read_jsonl(tmp_path / "queries" / "rejected.jsonl")
+    assert res["kept"] + len(rejected) == len(rows) and all(r["reason"] for r in rejected)
