@@ -188,7 +188,8 @@ def _specialize_locally(domains: list[str], cfg, args) -> list[dict]:
     console.interrupt_message = lambda: (
         f"interrupted: {kept_summary(cfg.experts_dir, domains)}; continue with: "
         f"{continue_command(argv)}")
-    with ProgressMonitor(cfg.experts_dir, domains, console, rounds=cfg.rounds):
+    with ProgressMonitor(cfg.experts_dir, domains, console, rounds=cfg.rounds,
+                         queries=cfg.router_queries > 0):
         stop = getattr(args, "stop_after", None)
         make_encoder = dense_encoder(cfg)
         if not args.publish_each:

@@ -28,9 +28,10 @@ from core.registry import load_registry
 log = logging.getLogger(__name__)
 
 # In the order the pipeline runs them for one domain (round 2's stages follow round 1's).
-STAGES = ("generate", "filter", "respond", "respond_filter", "train", "validate_train",
+STAGES = ("generate", "filter", "queries", "respond", "respond_filter", "train", "validate_train",
           "respond2", "respond2_filter", "train2", "validate_train2", "publish")
-LABELS = {"generate": "instructions", "filter": "filtering instructions", "respond": "answers",
+LABELS = {"generate": "instructions", "filter": "filtering instructions",
+          "queries": "writing routing queries", "respond": "answers",
           "respond_filter": "filtering answers", "train": "training", "validate_train":
           "validating", "respond2": "answers (round 2)", "respond2_filter": "filtering answers",
           "train2": "training (round 2)", "validate_train2": "validating", "publish":
@@ -39,9 +40,11 @@ LABELS = {"generate": "instructions", "filter": "filtering instructions", "respo
 ENGINE_STAGES = ("generate", "respond", "respond2")
 
 
-def next_stage(done: dict, rounds: int = 1) -> str:
-    order = [s for s in STAGES if rounds == 2 or not s.startswith(("respond2", "train2",
-                                                                   "validate_train2"))]
+def next_stage(done: dict, rounds: int = 1, queries: bool = False) -> str:
+    """The stage a domain's work dir is at; `queries`: stage 2b runs (`router_queries` > 0)."""
+    order = [s for s in STAGES if (rounds == 2 or not s.startswith(("respond2", "train2",
+                                                                    "validate_train2")))
+             and (queries or s != "queries")]
     return next((s for s in order if s not in done), "publish")
 
 
@@ -90,9 +93,11 @@ class ProgressMonitor:
     is removed at the end, whatever the outcome (nothing is being made any more)."""
 
     def __init__(self, experts_dir: Path, domains: list[str], console: Console,
-                 rounds: int = 1, interval_s: float = 2.0, bars=live_bars):
+                 rounds: int = 1, interval_s: float = 2.0, bars=live_bars,
+                 queries: bool = False):
         self.experts_dir, self.domains, self.console = Path(experts_dir), list(domains), console
         self.rounds, self.interval_s, self.bars = rounds, interval_s, bars
+        self.queries = queries  # stage 2b runs: it has no bar, and is not an engine start
         self.versions = self._versions()  # published before this run: not ours
         self._since: dict[str, tuple[str, float]] = {}  # domain -> (stage, when it was seen first)
         self._stop = threading.Event()
@@ -117,7 +122,7 @@ class ProgressMonitor:
                 status.domains[name] = DomainProgress(state="published")
                 continue
             done = _read_done(self.experts_dir / ".work" / name)
-            stage = next_stage(done or {}, self.rounds)
+            stage = next_stage(done or {}, self.rounds, self.queries)
             bar = next((b for b in bars if bar_stage(b["desc"], name) in
                         (stage, stage.rstrip("2"))), None)
             active = bar is not None or (first and not any_bar)

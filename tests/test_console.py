@@ -83,6 +83,10 @@ def test_stages_and_bars_map_to_the_pipeline():
     done1 = {s: {} for s in ("generate", "filter", "respond", "respond_filter", "train",
                              "validate_train")}
     assert next_stage(done1) == "publish" and next_stage(done1, rounds=2) == "respond2"
+    # stage 2b (user-style routing queries) counts only when it runs
+    assert next_stage({"generate": {}, "filter": {}}) == "respond"
+    assert next_stage({"generate": {}, "filter": {}}, queries=True) == "queries"
+    assert next_stage({"generate": {}, "filter": {}, "queries": {}}, queries=True) == "respond"
     assert bar_stage("law: instructions", "law") == "generate"
     assert bar_stage("law: responses (r2)", "law") == "respond2"
     assert bar_stage("train law", "law") == "train"
@@ -363,3 +367,17 @@ def test_bad_input_in_a_real_process_is_one_line_without_the_log_path():
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("selfspec: error: unknown domain 'nope'")
+
+
+def test_the_queries_stage_is_named_not_taken_for_an_engine_start(tmp_path):
+    """Stage 2b has no bar and runs on the engine already started: with `router_queries` on,
+    a domain between the instruction filter and the answers is writing its routing queries."""
+    experts = tmp_path / "experts"
+    _work(experts, "law", ["generate", "filter"])
+    mon = ProgressMonitor(experts, ["law"], Console(io.StringIO(), tty=False), bars=list,
+                          queries=True)
+    s = mon.snapshot(now=10.0)
+    assert s.domains["law"].stage == "queries"
+    assert format_progress(s) == "law: writing routing queries (0 s)"
+    off = ProgressMonitor(experts, ["law"], Console(io.StringIO(), tty=False), bars=list)
+    assert off.snapshot(now=10.0).domains["law"].stage == "engine start"  # the answers' engine
