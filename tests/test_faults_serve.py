@@ -21,7 +21,7 @@ import pytest
 from core.registry import load_registry, write_registry
 from router.index import load_router, read_meta
 from serve.watch import RetrySchedule
-from tests import test_router
+from tests import test_router_index
 from tests.test_router import two_experts, write_reg
 from tests.test_serve import ask
 from tests.test_serve import make as make_service
@@ -183,7 +183,7 @@ def test_health_says_degraded_while_the_registry_is_missing():
 
 # --- 7. a truncated router index is rebuilt, not crash-looped -----------------------------------
 
-fake_st = test_router.fake_st  # the router tests' fixture: encoders by name come out as fakes
+fake_st = test_router_index.fake_st  # the router tests' fixture: encoders by name come out as fakes
 
 
 def _truncate(path: Path) -> None:
