@@ -131,7 +131,7 @@ def run_up(args, cfg, host: str, port: int, name: str, prefix: str) -> int:
             console.say(f"registry {cfg.experts_dir} already has {', '.join(wanted)}")
         else:
             console.say(f"specializing {', '.join(missing)} into {cfg.experts_dir} in the "
-                        f"background (nice {NICENESS}; about 10-15 minutes per domain on 2 CPU "
+                        f"background (nice {NICENESS}; about 6-12 minutes per domain on 2 CPU "
                         "cores)")
             # Verbose: the child tees its own log to our descriptor 2, like ours.
             child = start_specialize(specialize_command(
