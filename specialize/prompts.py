@@ -109,6 +109,16 @@ def subtopics(description: str) -> list[str]:
     return names if len(names) >= 2 else [description.strip()]
 
 
+def numbered_list_regex(head: str, item, first: int, max_items: int) -> str:
+    """`head` (the rest of item `first`, whose number is in the prompt), then up to
+    `max_items - 1` more items `item(n)`, numbered in order: each optional only after the one
+    before it."""
+    tail = ""
+    for n in reversed(range(first + 1, first + max_items)):
+        tail = rf"(?:{item(n)}{tail})?"
+    return head + tail
+
+
 def instruction_list_regex(first: int, max_items: int) -> str:
     """A regex for vLLM's structured outputs that only admits a well-formed continuation:
     item `first` (its "Instruction:" is in the prompt), then up to `max_items - 1` more, each with
@@ -116,10 +126,9 @@ def instruction_list_regex(first: int, max_items: int) -> str:
     while the words inside each line stay the model's own."""
     line = r"[^\n]{8,240}\n"
     inp = r"Input: [^\n]{0,400}\n"
-    tail = ""
-    for n in reversed(range(first + 1, first + max_items)):
-        tail = rf"(?:{n}\. Instruction: {line}{n}\. {inp}{tail})?"
-    return rf" {line}{first}\. {inp}{tail}"
+    return numbered_list_regex(rf" {line}{first}\. {inp}",
+                               lambda n: rf"{n}\. Instruction: {line}{n}\. {inp}",
+                               first, max_items)
 
 
 _ITEM_START = re.compile(r"^\s*(?:\*\*)?\s*(\d{1,3})\s*[.):]\s*", re.MULTILINE)

@@ -32,7 +32,7 @@ from core.rouge import RougeIndex, tokenize
 from core.seeds import Domain
 from specialize import quality
 from specialize.config import QueriesConfig
-from specialize.prompts import Focus, subtopics
+from specialize.prompts import Focus, numbered_list_regex, subtopics
 from specialize.quality import (
     DANGLING,
     QUESTION_WORDS,
@@ -146,10 +146,7 @@ def query_list_regex(first: int, max_items: int, max_chars: int) -> str:
     """vLLM structured outputs: item `first` (its number is in the prompt), then up to
     `max_items - 1` more, one line each, numbered in order."""
     line = rf"[^\n]{{2,{max_chars}}}\n"
-    tail = ""
-    for n in reversed(range(first + 1, first + max_items)):
-        tail = rf"(?:{n}\. {line}{tail})?"
-    return rf" {line}{tail}"
+    return numbered_list_regex(rf" {line}", lambda n: rf"{n}\. {line}", first, max_items)
 
 
 _ITEM = re.compile(r"^\s*(\d{1,3})\s*[.)]\s*", re.MULTILINE)
