@@ -311,7 +311,7 @@ def test_stop_child_ends_the_childs_whole_process_group(tmp_path):
 
 
 def test_health_and_models_say_which_experts_are_being_made(tmp_path):
-    from tests.test_serve import make
+    from tests.serve_fakes import make
 
     client, *_ = make(experts_dir=str(tmp_path))
     assert client.get("/health").json()["building"] == {}

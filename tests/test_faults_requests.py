@@ -22,8 +22,8 @@ from core.registry import load_registry
 from serve.clients import Usage
 from serve.config import build_serve_config
 from serve.ingress import Service, build_http_app
-from tests.test_serve import FakeEngine, FakeRouter, ask, oai
-from tests.test_serve import make as make_service
+from tests.serve_fakes import FakeEngine, FakeRouter, ask, oai
+from tests.serve_fakes import make as make_service
 
 # --- 9. deeply nested JSON is a 4xx ----------------------------------------------------------
 

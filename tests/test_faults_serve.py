@@ -22,9 +22,9 @@ from core.registry import load_registry, write_registry
 from router.index import load_router, read_meta
 from serve.watch import RetrySchedule
 from tests import test_router_index
+from tests.serve_fakes import ask
+from tests.serve_fakes import make as make_service
 from tests.test_router import two_experts, write_reg
-from tests.test_serve import ask
-from tests.test_serve import make as make_service
 from tests.test_serve_engine import make_base, publish, start
 
 # --- 4-6. the engine replica: unreadable adapters, retried loads, a vanished registry ---------

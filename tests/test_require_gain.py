@@ -1,6 +1,6 @@
 """Routing only to experts that help (router.require_gain): the registry's gain field, the rule,
 the ingress's decision and headers, /v1/models, and the eval's `auto` applying the same rule.
-Fakes for the engine and router (tests/test_serve.py); no Ray, no vLLM."""
+Fakes for the engine and router (tests/serve_fakes.py); no Ray, no vLLM."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from core.errors import RegistryError
 from core.registry import GainInfo, gain_refusal, load_registry
 from router.types import RouteChoice
 from serve.config import build_serve_config
-from tests.test_serve import ask, make
+from tests.serve_fakes import ask, make
 
 HELPS = {"metric": "validation_score", "expert": 0.45, "base": 0.38, "diff": 0.07,
          "ci": [0.0, 0.13], "p_not_better": 0.04, "n": 60}
