@@ -4,9 +4,12 @@ pays each ~40 s engine start once."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from core.engine import EngineConfig
+from tests.conftest import REPO
 from tests.integration.tiny_model import build_tiny_llama
 
 
@@ -59,10 +62,21 @@ def shared_engine(engine):
     return lambda interrupt_on_call=None: Shared(engine, interrupt_on_call)
 
 
-# --- serving (tests/integration/test_serve_integration.py) -----------------------------------
+# --- serving (tests/integration/test_serve_http_integration.py, test_serve_integration.py) ----
 # ONE Ray Serve app (one vLLM engine, the router, the ingress) for every serving test, over a
 # registry with two good tiny experts and one whose adapter weights are corrupt.
 SERVE_API_KEY = "sk-selfspec-test"
+AUTH = {"Authorization": f"Bearer {SERVE_API_KEY}"}  # /health's details need the key
+
+
+def queries(domain: str, n: int) -> list[str]:
+    lines = (REPO / "seeds" / domain / "routing.jsonl").read_text().splitlines()
+    return [json.loads(line)["query"] for line in lines if line.strip()][:n]
+
+
+def chat(text, model="auto", **kw):
+    return dict(model=model, messages=[{"role": "user", "content": text}], max_tokens=6,
+                temperature=0, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +115,13 @@ def serve_app(serve_experts):
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    """The official `openai` client on the shared app, with the key."""
+    import openai
+
+    url, _ = serve_app
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=SERVE_API_KEY, max_retries=0,
+                         timeout=120)
