@@ -30,6 +30,7 @@ SETTINGS: dict[str, dict] = {
 # setting's instructions (specialize/ablation.py).
 RESPOND_SETTINGS: dict[str, dict] = {
     "sc4": {"self_consistency": 4},  # closed-form answers kept only when 4 samples back them
+    "src": {"grounding": "source"},  # answers grounded on the passage the task was written from
 }
 
 

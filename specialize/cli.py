@@ -49,6 +49,9 @@ def _specialize_parser(sub) -> None:
       help="corpus folder for grounded answers, or 'none' for ungrounded")
     f("--retrieval", "respond.retrieval", choices=["bm25", "dense"],
       help="how answers find their passages: BM25, or the router's sentence encoder")
+    f("--grounding", "respond.grounding", choices=["retrieved", "source"],
+      help="what answers are grounded on: the passages retrieved for the task, or the one "
+      "passage the task was written from")
     f("--instruction-focus", "generate.focus", choices=["none", "subtopic", "passage"],
       help="what each instruction prompt is about: the whole domain, one subtopic of the "
       "description, or one corpus passage")

@@ -141,6 +141,10 @@ class RespondConfig(_Config):
     top_k: int = Field(2, ge=1, le=10)
     passage_words: int = Field(160, ge=20, description="passages are cut to this many words")
     corpus: Path | None = None  # None: the domain's own corpus/ folder if it has one
+    # What an answer is grounded on: the top_k passages retrieved for the task ("retrieved", the
+    # paper's knowledge-infused variant), or the one passage stage 1 wrote the task from
+    # ("source"; a task without one, e.g. written from a subtopic, falls back to retrieval).
+    grounding: Literal["retrieved", "source"] = "retrieved"
     # Self-consistency (specialize/consistency.py): answers sampled per closed-form task (yes/no,
     # multiple choice, classification); stage 4 keeps the answer only when most samples give
     # its label. 0: off until a measured run says it helps.

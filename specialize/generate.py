@@ -65,7 +65,7 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
                 demos += rng.sample(kept, min(cfg.generated_per_prompt, len(kept)))
             focus = rng.choice(focus_pool) if focus_pool else None
             prompts.append((len(demos) + 1, instruction_prompt(domain, demos, focus, cfg,
-                                                               generator)))
+                                                               generator), focus))
         first = prompts[0][0]  # every prompt of a batch shows the same number of demos
         # No per-request seed: vLLM's CPU worker rewinds a seeded request's torch generator when
         # chunked prefill splits its prompt, which CPU generators cannot do ("CPU Generator does
@@ -75,17 +75,21 @@ def generate_instructions(domain: Domain, cfg: GenerateConfig, filt: Instruction
                             max_tokens=cfg.max_tokens,
                             stop=("\n\n\n",), regex=instruction_list_regex(
                                 first, cfg.guided_items) if cfg.guided_items else None)
-        completions = generator.complete([p for _, p in prompts], sampling)
+        completions = generator.complete([p for _, p, _ in prompts], sampling)
 
-        parsed = [task for (first, _), comp in zip(prompts, completions)
+        parsed = [(task, focus) for (first, _, focus), comp in zip(prompts, completions)
                   for task in parse_instruction_list(comp.text, first,
                                                      comp.finish_reason == "length")]
-        filt.warm(parsed)  # the batch's embeddings in one encoder call
+        filt.warm([task for task, _ in parsed])  # the batch's embeddings in one encoder call
         new_rows, gained = [], 0
-        for task in parsed:
+        for task, focus in parsed:
+            # The passage a task was written from travels with it, so stage 3 can answer from
+            # that very passage (`respond.grounding: source`).
             new_rows.append({"id": f"{domain.name}-g{batch:04d}-{len(new_rows):03d}",
                              "instruction": task.instruction, "input": task.input,
-                             "batch": batch})
+                             "batch": batch,
+                             **({"source_passage": focus.passage} if focus and focus.passage
+                                else {})})
             if filt.check(task).reason is None:
                 kept.append(task)
                 gained += 1

@@ -1,8 +1,9 @@
 """Stage 3: the base model answers each kept instruction.
 
 Prompt: a one-line domain persona, 5 seed (instruction, response) demonstrations, optionally the
-top-k passages retrieved from the domain corpus (the paper's knowledge-infused variant), then the
-new instruction; greedy decoding. Round 2 instead asks the round-1 expert (through vLLM LoRA),
+top-k passages retrieved from the domain corpus (the paper's knowledge-infused variant) or the one
+passage stage 1 wrote the task from (`grounding: source`), then the new instruction; greedy
+decoding. Round 2 instead asks the round-1 expert (through vLLM LoRA),
 in the chat format it was trained on. Responses are appended per batch; a resumed run skips
 instructions that already have one. With `self_consistency` k > 0, each closed-form task's
 prompt is also sampled k times and the samples' labels are stored with the answer, for stage 4's
@@ -58,9 +59,14 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
         tasks = [Task(r["instruction"], r.get("input", "")) for r in rows]
         hits = (retriever.search([f"{t.instruction} {t.input}" for t in tasks], cfg.top_k)
                 if retriever else [[] for _ in tasks])
-        prompts = []
+        prompts, used = [], []
         for row, task, ids in zip(rows, tasks, hits):
             passages = [retriever.passages[i] for i in ids] if retriever else []
+            if cfg.grounding == "source" and row.get("source_passage"):
+                # The passage the task was written from holds what the answer should say; the
+                # retrieved ones may be about a neighbouring topic.
+                passages, ids = [row["source_passage"]], "source"
+            used.append(ids)
             if adapter:
                 # The expert was trained on the chat template: ask it the way users will.
                 user = user_message(task)
@@ -82,7 +88,7 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
         append_jsonl(path, [
             {**row, "response": clean_response(c.text), "finish_reason": c.finish_reason,
              "passages": ids, **({"consistency": v} if v else {})}
-            for row, c, ids, v in zip(rows, completions, hits, votes)])
+            for row, c, ids, v in zip(rows, completions, used, votes)])
         prompt_tokens += sum(c.prompt_tokens for c in completions)
         cached_tokens += sum(c.cached_tokens for c in completions)
         bar.update(len(rows))

@@ -153,3 +153,40 @@ def test_default_focus_is_a_corpus_passage(tmp_path):
                                 build_filter(domain, RULES), gen, tmp_path)
     assert res["focus"] == "passage" and "The zebra principle" in gen.prompts[0]
     assert gen.calls[0][1].temperature == 0.7
+
+
+def test_source_grounding_answers_from_the_passage_each_task_was_written_from(tmp_path):
+    from specialize.retrieve import build_retriever
+
+    folder = write_domain(tmp_path / "gseeds")
+    (folder / "corpus").mkdir()
+    (folder / "corpus" / "01-zebra.md").write_text("# Zebra\n\nThe zebra principle says every "
+                                                   "demo idea has one owner.\n")
+    (folder / "corpus" / "02-walrus.md").write_text("# Walrus\n\nThe walrus rule orders demo "
+                                                    "ideas by their age.\n")
+    domain = load_domain("demo", tmp_path / "gseeds")
+    gen = PromptRecorder()
+    generate_instructions(domain, GenerateConfig(num_instructions=8, prompts_per_batch=1),
+                          build_filter(domain, RULES), gen, tmp_path)
+    rows = read_jsonl(tmp_path / "generate" / "instructions.jsonl")
+    # Each candidate carries the passage its own prompt showed (one prompt per batch here).
+    assert all(r["source_passage"] in gen.prompts[r["batch"]] for r in rows)
+    assert len({r["source_passage"] for r in rows}) == 2
+    filter_instructions(domain, RULES, 8, tmp_path)
+    retriever = build_retriever(domain.corpus_dir, "bm25", 160)
+
+    gen.prompts.clear()
+    generate_responses(domain, RespondConfig(grounding="source"), gen, tmp_path, retriever)
+    answers = read_jsonl(tmp_path / "respond" / "responses.jsonl")
+    assert len(answers) == len(gen.prompts) == 8
+    for row, prompt in zip(answers, gen.prompts):
+        background = prompt.split("### Background:\n")[1].split("\n\n### Instruction")[0]
+        assert background == f"[1] {row['source_passage']}" and row["passages"] == "source"
+
+    # The default grounds the same tasks on what BM25 retrieves for them: top_k ids.
+    (tmp_path / "respond" / "responses.jsonl").unlink()
+    gen.prompts.clear()
+    generate_responses(domain, RespondConfig(), gen, tmp_path, retriever)
+    answers = read_jsonl(tmp_path / "respond" / "responses.jsonl")
+    assert all(r["passages"] == [0, 1] or r["passages"] == [1, 0] for r in answers)
+    assert all(p.count("### Background:\n[1] ") == 1 and "\n\n[2] " in p for p in gen.prompts)
