@@ -262,7 +262,8 @@ def _ablate_parser(sub) -> None:
                        "keep rate, on-domain rate, fragment rate and eval gain per setting. "
                        f"Settings: {', '.join(SETTINGS)}; join several with '+' (passage+t0.7). "
                        f"Answer settings (need --train-eval): {', '.join(RESPOND_SETTINGS)} "
-                       "(default+sc4: self-consistency on closed-form answers).")
+                       "(default+sc4: self-consistency on closed-form answers; default+src: "
+                       "answers grounded on the passage each task was written from).")
     p.add_argument("domains", nargs="+", metavar="DOMAIN")
     p.add_argument("--settings", default=None, metavar="A,B",
                    help="comma-separated setting names (default: "
