@@ -14,7 +14,9 @@ vLLM engine. Per setting the report gives:
   filter drops off-domain candidates, so the kept rate is high by construction);
 - fragment rate: the share that is not a complete question or imperative (`fragment_rate`);
 - with `--train-eval`, the eval gain: each setting's data is answered, trained and published
-  into its own registry, and the expert is scored against the base on its domain's eval.
+  into its own registry, and the expert is scored against the base on its domain's eval. With
+  several `--train-seeds` the answers are written once and trained once per seed, and the gain
+  is the experts' per-item mean score over the seeds against the base (`pool_seeds`).
 
 A setting that changes only stage 3 (`RESPOND_SETTINGS`, e.g. "default+sc4") copies the
 instructions of the earlier setting with the same generation config instead of writing new ones,
@@ -39,6 +41,7 @@ from core.errors import ConfigError
 from core.jsonl import read_jsonl, write_json
 from core.precision import cpu_model
 from core.seeds import Domain, load_domain
+from core.stats import paired_diff
 from specialize.ablation_config import (  # noqa: F401 - SETTINGS re-exported for callers
     SETTINGS,
     AblationConfig,
@@ -59,6 +62,7 @@ from specialize.quality import (
 def setting_config(acfg: AblationConfig, name: str) -> SpecializeConfig:
     return build_config(base_model=acfg.base_model, experts_dir=acfg.out / name / "experts",
                         engine={"seed": acfg.seed}, filter=acfg.filter.model_dump(),
+                        train={"seed": acfg.train_seeds[0]},
                         generate={**resolve_setting(name),
                                   "num_instructions": acfg.num_instructions},
                         respond=respond_changes(name))
@@ -148,6 +152,38 @@ def _pooled(per_domain: dict[str, dict]) -> dict:
             "eval_gain": round(float(np.mean(gains)), 4) if gains else None, "ci95": cis}
 
 
+def pool_seeds(per_seed: dict[int, dict]) -> dict:
+    """One domain's eval gain over several training seeds: {seed: eval_gain's entry, with its
+    "scores"} -> the paired comparison of the experts' per-item mean score with the base, plus
+    each seed's own comparison.
+
+    Why pool: one run's paired bootstrap resamples the eval items only, so its interval and p
+    leave out training variance; retraining on the same data with another seed moves an
+    expert's eval score as much as a generation setting does (docs/quality.md, "Run-to-run
+    spread"). Averaging each item's score over the seeds before comparing puts that variance
+    into the numbers, and the per-seed rows show how far the runs disagree."""
+    seeds = list(per_seed)
+    entry: dict = {"train_seeds": seeds,
+                   "per_seed": [{"seed": s, **{k: per_seed[s].get(k)
+                                               for k in ("diff", "ci", "p_not_better")}}
+                                for s in seeds]}
+    scores = [per_seed[s].get("scores") for s in seeds]
+    if any(sc is None or not sc["ids"] for sc in scores):
+        missing = [s for s, sc in zip(seeds, scores) if sc is None or not sc["ids"]]
+        return {"diff": None, "ci": [None, None], "p_not_better": None, **entry,
+                "note": f"no per-item scores from training seed(s) {missing}: not pooled"}
+    ids = scores[0]["ids"]
+    if any(sc["ids"] != ids for sc in scores):
+        raise ValueError(f"the evals of training seeds {seeds} scored different items: the "
+                         "eval items changed between them")
+    expert = np.mean([sc["expert"] for sc in scores], axis=0)
+    same_base = all(sc["base"] == scores[0]["base"] for sc in scores)
+    # The base is one model, scored again in every seed's eval: greedy decoding gives the same
+    # scores unless the engine's batching changed a near tie. Then it is averaged as well.
+    base = scores[0]["base"] if same_base else np.mean([sc["base"] for sc in scores], axis=0)
+    return {**paired_diff(expert, base), **entry, "base_averaged": not same_base}
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
     """The Wilson score interval of k successes in n (95%): sound near 0% and 100%, where the
     rates that matter here (fragments, off-domain) live."""
@@ -164,8 +200,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
 def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, encoder=None,
                  eval_gain: Callable[[Path, list[str], Path], dict] | None = None) -> dict:
     """Every setting on every domain; returns the report (also written to `out/report.json`).
-    `eval_gain(experts_dir, domains, out) -> {domain: {diff, ci, p_not_better}}` scores the
-    published experts against the base (the CLI passes evaluation's; required with train_eval)."""
+    `eval_gain(experts_dir, domains, out) -> {domain: {diff, ci, p_not_better, scores}}` scores
+    the published experts against the base (the CLI passes evaluation's; required with
+    train_eval); "scores" ({ids, base, expert}: per-item) is needed to pool several train_seeds."""
     from core.base_model import resolve_base_model
     from specialize.pipeline import prepare_run, specialize, write_instructions
 
@@ -180,7 +217,8 @@ def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, enco
     report = {"created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
               "cpu": cpu_model(), "base_model": acfg.base_model,
               "budget": {"num_instructions": acfg.num_instructions, "domains": acfg.domains,
-                         "stage": "train+eval" if acfg.train_eval else "filter"},
+                         "stage": "train+eval" if acfg.train_eval else "filter",
+                         **({"train_seeds": acfg.train_seeds} if acfg.train_eval else {})},
               "config": acfg.model_dump(mode="json"), "settings": {}}
     generator = make_generator(base_path, configs[acfg.settings[0]].engine)
     written: dict[tuple[str, str], tuple[str, object]] = {}  # (generate config, domain) -> run
@@ -212,16 +250,41 @@ def run_ablation(acfg: AblationConfig, make_generator=build_vllm_generator, enco
 
     if acfg.train_eval:
         for name, cfg in configs.items():
-            # The work dirs hold finished generate+filter stages: --resume answers and trains.
-            specialize(acfg.domains, cfg, resume=True)
-            gains = eval_gain(cfg.experts_dir, [d.name for d in domains],
-                              acfg.out / name / "eval")
+            gains = train_and_score(acfg, name, cfg, [d.name for d in domains], specialize,
+                                    eval_gain)
             for d in domains:
-                report["settings"][name]["domains"][d.name]["eval_gain"] = gains.get(d.name, {})
+                report["settings"][name]["domains"][d.name]["eval_gain"] = gains[d.name]
+            write_json(acfg.out / "report.json", report)
     for entry in report["settings"].values():
         entry["total"] = _pooled(entry["domains"])
     write_json(acfg.out / "report.json", report)
     return report
+
+
+def train_and_score(acfg: AblationConfig, name: str, cfg: SpecializeConfig, domains: list[str],
+                    specialize, eval_gain) -> dict[str, dict]:
+    """One setting's experts trained and scored: {domain name: its report entry's eval_gain}. Its
+    work dirs hold finished generate+filter stages, so `resume` answers and trains from there."""
+    seeds = acfg.train_seeds
+    if len(seeds) == 1:  # cfg already has train.seed = seeds[0]
+        specialize(acfg.domains, cfg, resume=True)
+        gains = eval_gain(cfg.experts_dir, domains, acfg.out / name / "eval")
+        return {d: {**{k: v for k, v in gains.get(d, {}).items() if k != "scores"},
+                    "train_seeds": seeds} for d in domains}
+    # The answers do not depend on the training seed (greedy, or sampled with the engine's
+    # seed): written once and copied, so that the seeds' experts differ only in training.
+    specialize(acfg.domains, cfg, resume=True, stop_after="filter_responses")
+    per_seed = {}
+    for s in seeds:
+        cfg_s = cfg.model_copy(update={"experts_dir": acfg.out / name / f"seed{s}" / "experts",
+                                       "train": cfg.train.model_copy(update={"seed": s})})
+        for d in domains:
+            dst = cfg_s.experts_dir / ".work" / d
+            shutil.rmtree(dst, ignore_errors=True)  # an earlier ablation's: this one restarts
+            shutil.copytree(cfg.experts_dir / ".work" / d, dst)
+        specialize(acfg.domains, cfg_s, resume=True)
+        per_seed[s] = eval_gain(cfg_s.experts_dir, domains, acfg.out / name / f"eval-seed{s}")
+    return {d: pool_seeds({s: g.get(d, {}) for s, g in per_seed.items()}) for d in domains}
 
 
 def format_report(report: dict) -> str:
@@ -231,8 +294,11 @@ def format_report(report: dict) -> str:
     head = (f"{'setting':<18} {'domain':<12} {'cands':>5} {'kept':>4} {'keep':>5} "
             f"{'on-dom kept':>11} {'on-dom all':>10} {'frag kept':>9} {'frag all':>8} "
             f"{'secs':>6} {'eval gain':>9}")
+    seeds = report["budget"].get("train_seeds", [])
+    pooled = (f", eval gain pooled over {len(seeds)} training seeds ({','.join(map(str, seeds))})"
+              if len(seeds) > 1 else "")
     lines = [f"{report['base_model']} on {report['cpu']}, "
-             f"{report['budget']['num_instructions']} kept instructions per domain", head,
+             f"{report['budget']['num_instructions']} kept instructions per domain{pooled}", head,
              "-" * len(head)]
     for name, entry in report["settings"].items():
         rows = [*entry["domains"].items(), ("all", entry["total"])]

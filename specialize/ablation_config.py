@@ -66,6 +66,9 @@ class AblationConfig(_Config):
     train_eval: bool = False  # also answer, train, publish and score each setting's experts
     filter: FilterConfig = FilterConfig()  # the same filters for every setting: the pipeline's
     seed: int = 0
+    # With train_eval: each setting's expert is trained once per seed (train.seed) on the same
+    # answers, and its eval gain is pooled over them (specialize/ablation.py says why).
+    train_seeds: list[int] = Field([0], min_length=1)
 
     @field_validator("settings")
     @classmethod
@@ -74,11 +77,26 @@ class AblationConfig(_Config):
             resolve_setting(name)
         return list(dict.fromkeys(v))
 
+    @field_validator("train_seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if bad := [s for s in v if s < 0]:
+            raise ConfigError(f"--train-seeds: {bad[0]} is negative: training seeds are 0 or more")
+        return list(dict.fromkeys(v))
+
     @model_validator(mode="after")
     def _answers_need_training(self) -> AblationConfig:
         if not self.train_eval and (names := [s for s in self.settings if respond_changes(s)]):
             raise ConfigError(f"ablation setting {names[0]!r} changes only the answers: add "
                               "--train-eval, which answers, trains and scores each setting")
+        return self
+
+    @model_validator(mode="after")
+    def _seeds_need_training(self) -> AblationConfig:
+        if not self.train_eval and len(self.train_seeds) > 1:
+            raise ConfigError(f"--train-seeds {','.join(map(str, self.train_seeds))} trains each "
+                              "setting once per seed: add --train-eval, which answers, trains "
+                              "and scores each setting")
         return self
 
 

@@ -277,6 +277,9 @@ def _ablate_parser(sub) -> None:
                    help="also answer, train and publish each setting's experts into OUT and "
                    "score them against the base on their domain's eval (slow)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-seeds", default=None, metavar="0,1,2",
+                   help="with --train-eval: train each setting's experts once per training seed "
+                   "on the same answers and pool their eval gain over the seeds (default: 0)")
     p.set_defaults(func=_run_ablate)
 
 
@@ -288,11 +291,24 @@ def _run_ablate(args) -> int:
         domains=args.domains, num_instructions=args.num_instructions, base_model=args.base_model,
         out=args.out, train_eval=args.train_eval, seed=args.seed,
         settings=[s.strip() for s in args.settings.split(",") if s.strip()]
-        if args.settings is not None else None)
+        if args.settings is not None else None,
+        train_seeds=_int_list("--train-seeds", args.train_seeds))
     report = run_ablation(acfg, eval_gain=args.expert_gain if acfg.train_eval else None)
     print(format_report(report))
     print(f"\nreport: {acfg.out / 'report.json'}")
     return 0
+
+
+def _int_list(flag: str, text: str | None) -> list[int] | None:
+    """"0,1,2" -> [0, 1, 2]; anything else in the list is a ConfigError naming it."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if not p.lstrip("-").isdigit()]
+    if bad or not parts:
+        raise ConfigError(f"{flag}: {(bad[0] if bad else text)!r} is not an integer: pass "
+                          "comma-separated integers, e.g. 0,1,2")
+    return [int(p) for p in parts]
 
 
 def add_parsers(sub, *, registry_changed, expert_gain=None) -> None:
