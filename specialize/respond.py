@@ -57,16 +57,11 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
     for start in range(0, len(todo), cfg.batch_size):
         rows = todo[start:start + cfg.batch_size]
         tasks = [Task(r["instruction"], r.get("input", "")) for r in rows]
-        hits = (retriever.search([f"{t.instruction} {t.input}" for t in tasks], cfg.top_k)
-                if retriever else [[] for _ in tasks])
-        prompts, used = [], []
+        hits = _grounding(rows, tasks, cfg, retriever)
+        prompts = []
         for row, task, ids in zip(rows, tasks, hits):
-            passages = [retriever.passages[i] for i in ids] if retriever else []
-            if cfg.grounding == "source" and row.get("source_passage"):
-                # The passage the task was written from holds what the answer should say; the
-                # retrieved ones may be about a neighbouring topic.
-                passages, ids = [row["source_passage"]], "source"
-            used.append(ids)
+            passages = ([row["source_passage"]] if ids == "source"
+                        else [retriever.passages[i] for i in ids] if retriever else [])
             if adapter:
                 # The expert was trained on the chat template: ask it the way users will.
                 user = user_message(task)
@@ -88,7 +83,7 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
         append_jsonl(path, [
             {**row, "response": clean_response(c.text), "finish_reason": c.finish_reason,
              "passages": ids, **({"consistency": v} if v else {})}
-            for row, c, ids, v in zip(rows, completions, used, votes)])
+            for row, c, ids, v in zip(rows, completions, hits, votes)])
         prompt_tokens += sum(c.prompt_tokens for c in completions)
         cached_tokens += sum(c.cached_tokens for c in completions)
         bar.update(len(rows))
@@ -99,3 +94,16 @@ def generate_responses(domain: Domain, cfg: RespondConfig, generator: Generator,
             "seconds": round(time.time() - started, 1), "prompt_tokens": prompt_tokens,
             "prefix_cache_hit_rate": round(cached_tokens / prompt_tokens, 3)
             if prompt_tokens else None}
+
+
+def _grounding(rows: list[dict], tasks: list[Task], cfg: RespondConfig,
+               retriever: Retriever | None) -> list:
+    """Per task: "source" (answered from the passage stage 1 wrote it from) or the ids of the
+    top_k retrieved passages ([] without a retriever). Only the tasks that need it are searched."""
+    # The passage a task was written from holds what the answer should say; retrieved ones may
+    # be about a neighbouring topic.
+    own = [cfg.grounding == "source" and bool(r.get("source_passage")) for r in rows]
+    asked = [f"{t.instruction} {t.input}" for t, o in zip(tasks, own) if not o]
+    found = iter(retriever.search(asked, cfg.top_k) if retriever and asked else [])
+    return ["source" if o else (next(found) if retriever else []) for o in own]
+
